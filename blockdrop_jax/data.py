@@ -1,0 +1,193 @@
+"""CIFAR and ImageNet sources and augmentation.
+
+Every source yields the same arrays: images uint8 (N, H, W, 3) in record order, labels int32 (N,).
+Pixels stay uint8 until the model, which scales them to [0, 1] and normalises them with the
+statistics stored beside its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdrop_jax.errors import BlockDropError
+
+SHARED_DATA_ENV = "BLOCKDROP_SHARED_DATA"
+
+
+def shared_data_dir() -> str:
+  """The offline data folder: $BLOCKDROP_SHARED_DATA, default ``../shared/data`` beside the repo."""
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                         "shared", "data")
+  return os.path.abspath(os.environ.get(SHARED_DATA_ENV, default))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  images: np.ndarray  # uint8 (N, H, W, 3)
+  labels: np.ndarray  # int32 (N,)
+  num_classes: int
+  source: str
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+# dataset -> (label bytes per record, index of the label used, classes)
+_RECORDS = {"cifar10": (1, 0, 10), "cifar100": (2, 1, 100)}
+_PIXELS = 32 * 32 * 3
+
+
+def read_cifar_records(path: str, dataset: str = "cifar10") -> tuple[np.ndarray, np.ndarray]:
+  """Images and labels of a CIFAR binary-record file (``cifar-10-batches-bin/*.bin``, CIFAR-100 ``*.bin``)."""
+  label_bytes, label_index, _ = _RECORDS[dataset]
+  record = label_bytes + _PIXELS
+  if not os.path.isfile(path):
+    raise BlockDropError(f"data file not found: {path}")
+  size = os.path.getsize(path)
+  if size == 0 or size % record:
+    raise BlockDropError(
+        f"{path} has {size} bytes, not a whole number of {record}-byte {dataset} records; "
+        "the file is truncated or is not a CIFAR binary batch")
+  raw = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
+  images = raw[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), raw[:, label_index].astype(np.int32)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+  """The CIFAR python batches are pickles; allow only numpy arrays and builtins, never code."""
+
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+              ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+              ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("builtins", "dict")}
+
+  def find_class(self, module, name):
+    if (module, name) in self._ALLOWED:
+      return super().find_class(module, name)
+    raise BlockDropError(f"refusing to unpickle {module}.{name}: a CIFAR batch holds only arrays")
+
+
+def read_cifar_python(path: str, dataset: str = "cifar10") -> tuple[np.ndarray, np.ndarray]:
+  """Images and labels of a ``cifar-10-batches-py`` / ``cifar-100-python`` batch file."""
+  with open(path, "rb") as f:
+    try:
+      batch = _ArraysOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+      raise BlockDropError(f"{path} is not a CIFAR python batch ({e})") from e
+  batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+  labels = batch.get("labels", batch.get("fine_labels"))
+  images = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), np.asarray(labels, np.int32)
+
+
+# Folder layouts of the official archives: folder marker -> (reader, dataset, files per split)
+_FOLDERS = [
+    ("data_batch_1.bin", read_cifar_records, "cifar10",
+     {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}),
+    ("data_batch_1", read_cifar_python, "cifar10",
+     {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
+    ("train.bin", read_cifar_records, "cifar100", {"train": ["train.bin"], "test": ["test.bin"]}),
+    ("train", read_cifar_python, "cifar100", {"train": ["train"], "test": ["test"]}),
+]
+
+
+def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None,
+                 data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+  """CIFAR-10/100 from a record file, an official archive folder, or TFDS by name.
+
+  ``source`` is a path (a ``.bin`` record file, or a ``cifar-10-batches-bin``/``-py`` or
+  ``cifar-100-binary``/``-python`` folder) or a TFDS name (``cifar10``, ``cifar100``). A single
+  file is one split already, so ``split`` is ignored for it.
+  """
+  if os.path.isfile(source):
+    dataset = dataset or "cifar10"
+    reader = read_cifar_records if source.endswith(".bin") else read_cifar_python
+    images, labels = reader(source, dataset)
+    return Dataset(images, labels, _RECORDS[dataset][2], source)
+  if os.path.isdir(source):
+    for marker, reader, kind, files in _FOLDERS:
+      if os.path.isfile(os.path.join(source, marker)):
+        if split not in files:
+          raise BlockDropError(f"unknown split {split!r} for {source}; use 'train' or 'test'")
+        parts = [reader(os.path.join(source, name), kind) for name in files[split]]
+        return Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                       _RECORDS[kind][2], source)
+    raise BlockDropError(f"{source} is not a CIFAR folder (no data_batch_1[.bin] or train[.bin])")
+  if source in ("cifar10", "cifar100"):
+    return _load_tfds(source, split, data_dir, download)
+  raise BlockDropError(
+      f"data not found: {source!r} is neither a file, a folder, nor a TFDS name (cifar10, cifar100)")
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Dataset:
+  try:
+    import tensorflow_datasets as tfds
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    examples = [source[i] for i in range(len(source))]
+  except Exception as e:  # TFDS raises many types for a missing or unprepared dataset
+    raise BlockDropError(
+        f"TFDS could not provide {name}/{split} ({type(e).__name__}: {str(e)[:200]}); "
+        "pass a prepared data_dir, allow download, or give a local CIFAR file or folder") from e
+  images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
+  labels = np.asarray([ex["label"] for ex in examples], np.int32)
+  return Dataset(images, labels, _RECORDS[name][2], f"tfds:{name}/{split}")
+
+
+def to_unit_float(images) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1]."""
+  return jnp.asarray(images, jnp.float32) / 255.0
+
+
+def augment_cifar(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
+  """Random crop with ``pad`` zero pixels on each side, then random horizontal flip (per image)."""
+  n, h, w, _ = images.shape
+  crop_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
+      padded, offsets)
+  flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1, :], crops)
+
+
+def preprocess_imagenet(image: np.ndarray, rng: Optional[np.random.Generator] = None,
+                        resize: int = 256, crop: int = 224) -> np.ndarray:
+  """ImageNet transform: shorter side to ``resize``; random crop + flip with ``rng``, else center."""
+  from PIL import Image
+  pil = Image.fromarray(np.asarray(image, np.uint8))
+  scale = resize / min(pil.size)
+  pil = pil.resize((max(crop, round(pil.size[0] * scale)), max(crop, round(pil.size[1] * scale))),
+                   Image.BILINEAR)
+  arr = np.asarray(pil)
+  h, w = arr.shape[:2]
+  if rng is None:
+    top, left = (h - crop) // 2, (w - crop) // 2
+  else:
+    top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+  arr = arr[top:top + crop, left:left + crop]
+  return arr[:, ::-1] if rng is not None and rng.random() < 0.5 else arr
+
+
+def imagenet_source(split: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
+  """TFDS ``imagenet2012`` random-access source (ImageNet needs a manual download folder)."""
+  try:
+    import tensorflow_datasets as tfds
+    kwargs = {"download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)} if manual_dir else {}
+    return tfds.data_source("imagenet2012", split=split, data_dir=data_dir,
+                            download=manual_dir is not None, download_and_prepare_kwargs=kwargs)
+  except Exception as e:
+    raise BlockDropError(
+        f"TFDS could not provide imagenet2012/{split} ({type(e).__name__}: {str(e)[:200]}); put "
+        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a folder and pass it as manual_dir") from e
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The shuffled example order of one epoch: a pure function of (seed, epoch), so runs resume."""
+  return np.random.default_rng([seed, epoch]).permutation(n)

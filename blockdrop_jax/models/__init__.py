@@ -1,0 +1,1 @@
+"""Gated ResNets and BlockDrop policy networks."""

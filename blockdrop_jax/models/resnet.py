@@ -1,0 +1,241 @@
+"""Gated ResNets: one flat list of residual blocks, each switched on or off per example.
+
+Block t computes ``residual = shortcut(x)`` and ``x = relu(residual + F_t(x))`` when kept and
+``x = residual`` when dropped. Policies are per example, so dropping is a ``jnp.where`` and every
+shape stays static under ``jit``. The same module (without a gating policy and with K outputs)
+is the BlockDrop policy network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blockdrop_jax.errors import BlockDropError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SHORTCUTS = ("A", "avgpool", "projection")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  """Everything needed to rebuild a network, stored beside its weights.
+
+  ``input_mean``/``input_std`` normalise images given in [0, 1]; they belong to the weights
+  (akamaster nets were trained on ImageNet-normalised pixels, the original BlockDrop CIFAR nets on
+  raw [0, 1] pixels), so they travel with the checkpoint instead of being fixed per dataset.
+  """
+
+  name: str
+  block: str  # "basic" or "bottleneck"
+  stages: tuple[int, ...]
+  widths: tuple[int, ...]
+  strides: tuple[int, ...]
+  stem: str  # "cifar" (3x3 conv) or "imagenet" (7x7/2 conv + 3x3/2 max pool)
+  shortcut: str  # "A", "avgpool" or "projection"
+  num_classes: int
+  input_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+  input_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+  input_pool: int = 1  # average-pool the input first (the ImageNet policy net runs at 112 px)
+
+  @property
+  def num_blocks(self) -> int:
+    return sum(self.stages)
+
+  @property
+  def expansion(self) -> int:
+    return 4 if self.block == "bottleneck" else 1
+
+  def block_layout(self) -> list[tuple[int, int, int, int, int]]:
+    """(stage, index in stage, in channels, width, stride) for each flat block t."""
+    layout, in_ch = [], self.stem_width
+    for stage, (n, width, stride) in enumerate(zip(self.stages, self.widths, self.strides)):
+      for b in range(n):
+        layout.append((stage, b, in_ch, width, stride if b == 0 else 1))
+        in_ch = width * self.expansion
+    return layout
+
+  @property
+  def stem_width(self) -> int:
+    return 16 if self.stem == "cifar" else 64
+
+  @property
+  def feature_dim(self) -> int:
+    return self.widths[-1] * self.expansion
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ResNetSpec":
+    fields = json.loads(text)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+# name -> (block, stages, stem)
+ARCHITECTURES = {
+    **{f"cifar_resnet{6 * n + 2}": ("basic", (n, n, n), "cifar") for n in (1, 3, 5, 7, 9, 18)},
+    "imagenet_resnet10": ("basic", (1, 1, 1, 1), "imagenet"),
+    "imagenet_resnet18": ("basic", (2, 2, 2, 2), "imagenet"),
+    "imagenet_resnet50": ("bottleneck", (3, 4, 6, 3), "imagenet"),
+    "imagenet_resnet101": ("bottleneck", (3, 4, 23, 3), "imagenet"),
+}
+
+
+def make_spec(name: str, num_classes: Optional[int] = None, shortcut: Optional[str] = None,
+              **overrides) -> ResNetSpec:
+  """A spec from an architecture name; CIFAR nets default to shortcut "A", ImageNet to projection."""
+  if name not in ARCHITECTURES:
+    raise BlockDropError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+  block, stages, stem = ARCHITECTURES[name]
+  cifar = stem == "cifar"
+  shortcut = shortcut or ("A" if cifar else "projection")
+  if shortcut not in SHORTCUTS:
+    raise BlockDropError(f"unknown shortcut {shortcut!r}; choose one of: {', '.join(SHORTCUTS)}")
+  return ResNetSpec(
+      name=name, block=block, stages=stages,
+      widths=(16, 32, 64) if cifar else (64, 128, 256, 512),
+      strides=(1, 2, 2) if cifar else (1, 2, 2, 2),
+      stem=stem, shortcut=shortcut,
+      num_classes=num_classes or (10 if cifar else 1000), **overrides)
+
+
+def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  # Explicit symmetric padding as in PyTorch ("SAME" pads stride-2 convs asymmetrically).
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, name=name)
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  # PyTorch: running = 0.9 running + 0.1 batch, eps 1e-5.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class Block(nn.Module):
+  """One residual block split into its two halves, so execution modes can run them apart."""
+
+  block: str
+  in_channels: int
+  width: int
+  stride: int
+  shortcut_kind: str
+  expansion: int = 1
+
+  @property
+  def out_channels(self) -> int:
+    return self.width * self.expansion
+
+  @property
+  def changes_shape(self) -> bool:
+    return self.stride != 1 or self.in_channels != self.out_channels
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """Returns (residual, relu(residual + F(x))): the dropped and the kept output."""
+    residual = self.shortcut(x, train)
+    return residual, nn.relu(residual + self.branch(x, train))
+
+  def branch(self, x, train):
+    if self.block == "basic":
+      x = nn.relu(_batch_norm(train, "bn1")(_conv(self.width, 3, self.stride, "conv1")(x)))
+      return _batch_norm(train, "bn2")(_conv(self.width, 3, 1, "conv2")(x))
+    x = nn.relu(_batch_norm(train, "bn1")(_conv(self.width, 1, 1, "conv1")(x)))
+    x = nn.relu(_batch_norm(train, "bn2")(_conv(self.width, 3, self.stride, "conv2")(x)))
+    return _batch_norm(train, "bn3")(_conv(self.out_channels, 1, 1, "conv3")(x))
+
+  def shortcut(self, x, train):
+    if not self.changes_shape:
+      return x
+    extra = self.out_channels - self.in_channels
+    if self.shortcut_kind == "A":
+      x = x[:, ::self.stride, ::self.stride, :]
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    if self.shortcut_kind == "avgpool":
+      x = nn.avg_pool(x, (self.stride, self.stride), (self.stride, self.stride))
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    x = nn.Conv(self.out_channels, (1, 1), (self.stride, self.stride), use_bias=False,
+                name="shortcut_conv")(x)
+    return _batch_norm(train, "shortcut_bn")(x)
+
+
+class ResNet(nn.Module):
+  """A ResNet over a flat list of K blocks; ``policy`` (batch, K) in {0, 1} gates each block."""
+
+  spec: ResNetSpec
+
+  def setup(self):
+    s = self.spec
+    self.stem_conv = _conv(s.stem_width, 3 if s.stem == "cifar" else 7, 1 if s.stem == "cifar" else 2,
+                           "stem_conv")
+    self.stem_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, name="stem_bn")
+    self.blocks = [
+        Block(s.block, in_ch, width, stride, s.shortcut, s.expansion, name=f"block{t}")
+        for t, (_, _, in_ch, width, stride) in enumerate(s.block_layout())]
+    self.fc = nn.Dense(s.num_classes, name="fc")
+
+  def stem(self, images, train: bool = False):
+    """Normalise [0, 1] images (NHWC) and run the stem."""
+    s = self.spec
+    x = (images.astype(jnp.float32) - jnp.asarray(s.input_mean)) / jnp.asarray(s.input_std)
+    if s.input_pool > 1:
+      x = nn.avg_pool(x, (s.input_pool, s.input_pool), (s.input_pool, s.input_pool))
+    x = nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    if s.stem == "imagenet":
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+  def run_block(self, t: int, x, train: bool = False):
+    """(dropped output, kept output) of block t."""
+    return self.blocks[t](x, train)
+
+  def head(self, x):
+    return self.fc(jnp.mean(x, axis=(1, 2)))
+
+  def __call__(self, images, policy=None, train: bool = False):
+    check_policy(policy, images.shape[0], self.spec.num_blocks)
+    x = self.stem(images, train)
+    for t in range(self.spec.num_blocks):
+      dropped, kept = self.run_block(t, x, train)
+      x = kept if policy is None else jnp.where(policy[:, t, None, None, None] > 0.5, kept, dropped)
+    return self.head(x)
+
+
+def check_policy(policy, batch: int, num_blocks: int) -> None:
+  """Shapes are static, so a wrong policy is caught at trace time with a readable message."""
+  if policy is not None and tuple(policy.shape) != (batch, num_blocks):
+    raise BlockDropError(
+        f"policy has shape {tuple(policy.shape)} but this network needs (batch, K) = "
+        f"({batch}, {num_blocks}): one entry per residual block for each image")
+
+
+def init(spec: ResNetSpec, key: jax.Array, image_size: Optional[int] = None):
+  """Random variables ({'params', 'batch_stats'}) for ``spec``."""
+  size = image_size or (32 if spec.stem == "cifar" else 224)
+  return ResNet(spec).init(key, jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def apply(spec: ResNetSpec, variables, images, policy=None, train: bool = False):
+  """Logits of ``images`` (NHWC in [0, 1]) under ``policy``; with ``train`` also new batch stats."""
+  model = ResNet(spec)
+  if train:
+    return model.apply(variables, images, policy, train=True, mutable=["batch_stats"])
+  return model.apply(variables, images, policy)
+
+
+def policy_spec(base: ResNetSpec, arch: Optional[str] = None) -> ResNetSpec:
+  """The BlockDrop policy network for ``base``: ResNet-8 (CIFAR) or ResNet-10 at 112 px (ImageNet).
+
+  Its classifier has K outputs, the block logits; it sees the same normalised input as the base.
+  """
+  cifar = base.stem == "cifar"
+  arch = arch or ("cifar_resnet8" if cifar else "imagenet_resnet10")
+  return make_spec(arch, num_classes=base.num_blocks, shortcut="avgpool" if cifar else "projection",
+                   input_mean=base.input_mean, input_std=base.input_std,
+                   input_pool=1 if cifar else 2)

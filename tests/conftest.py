@@ -1,0 +1,33 @@
+"""Shared fixtures. Real data comes from $BLOCKDROP_SHARED_DATA (default ../shared/data)."""
+
+import glob
+import os
+
+import pytest
+
+from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  path = shared_data_dir()
+  if not os.path.isdir(os.path.join(path, "cifar10", "subset")):
+    pytest.skip(f"shared data not found at {path}; set {SHARED_DATA_ENV} to the folder holding "
+                "cifar10/subset and pretrained/")
+  return path
+
+
+@pytest.fixture(scope="session")
+def test_records(shared_data):
+  return os.path.join(shared_data, "cifar10", "subset", "test_batch_first1000.bin")
+
+
+@pytest.fixture(scope="session")
+def train_records(shared_data):
+  return os.path.join(shared_data, "cifar10", "subset", "data_batch_1_first4000.bin")
+
+
+def akamaster_file(shared_data, depth):
+  return glob.glob(os.path.join(shared_data, "pretrained", "akamaster_cifar10", f"resnet{depth}-*.th"))[0]

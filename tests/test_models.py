@@ -1,0 +1,92 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdrop_jax import BlockDropError
+from blockdrop_jax.models import resnet
+
+
+def _param_count(spec, size):
+  shapes = jax.eval_shape(lambda: resnet.init(spec, jax.random.key(0), size))
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name,params", [
+    ("imagenet_resnet18", 11_689_512), ("imagenet_resnet50", 25_557_032),
+    ("imagenet_resnet101", 44_549_160), ("cifar_resnet20", 269_722), ("cifar_resnet32", 464_154),
+    ("cifar_resnet110", 1_727_962)])
+def test_parameter_counts_match_published_models(name, params):
+  # torchvision's ResNets, and the counts that akamaster's option-A CIFAR nets print.
+  assert _param_count(resnet.make_spec(name), 224 if name.startswith("imagenet") else 32) == params
+
+
+@pytest.mark.parametrize("name,blocks", [("cifar_resnet8", 3), ("cifar_resnet32", 15),
+                                         ("cifar_resnet56", 27), ("cifar_resnet110", 54),
+                                         ("imagenet_resnet10", 4), ("imagenet_resnet101", 33)])
+def test_number_of_gated_blocks(name, blocks):
+  assert resnet.make_spec(name).num_blocks == blocks
+
+
+@pytest.mark.parametrize("shortcut", ["A", "avgpool", "projection"])
+def test_policy_gates_blocks_and_all_ones_is_plain(shortcut):
+  spec = resnet.make_spec("cifar_resnet20", shortcut=shortcut)
+  variables = resnet.init(spec, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  plain = resnet.apply(spec, variables, x)
+  chex.assert_shape(plain, (4, 10))
+  chex.assert_trees_all_equal(resnet.apply(spec, variables, x, jnp.ones((4, 9))), plain)
+  dropped = resnet.apply(spec, variables, x, jnp.zeros((4, 9)).at[0].set(1.0))
+  chex.assert_trees_all_equal(dropped[0], plain[0])
+  assert not np.allclose(dropped[1:], plain[1:])
+
+
+def test_gated_forward_is_jittable_with_traced_policy():
+  spec = resnet.make_spec("cifar_resnet20")
+  variables = resnet.init(spec, jax.random.key(0))
+  fn = jax.jit(lambda v, x, p: resnet.apply(spec, v, x, p))
+  x = jnp.ones((2, 32, 32, 3))
+  a = fn(variables, x, jnp.ones((2, 9)))
+  b = fn(variables, x, jnp.zeros((2, 9)))
+  assert fn._cache_size() == 1 and not np.allclose(a, b)
+
+
+def test_policy_of_wrong_width_is_a_clear_error():
+  spec = resnet.make_spec("cifar_resnet20")
+  variables = resnet.init(spec, jax.random.key(0))
+  with pytest.raises(BlockDropError, match=r"policy has shape \(2, 8\).*\(2, 9\)"):
+    resnet.apply(spec, variables, jnp.ones((2, 32, 32, 3)), jnp.ones((2, 8)))
+
+
+def test_unknown_architecture_is_a_clear_error():
+  with pytest.raises(BlockDropError, match="unknown architecture 'resnet33'"):
+    resnet.make_spec("resnet33")
+
+
+def test_train_mode_updates_batch_stats_like_pytorch():
+  spec = resnet.make_spec("cifar_resnet8", shortcut="avgpool")
+  variables = resnet.init(spec, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3))
+  _, updates = resnet.apply(spec, variables, x, train=True)
+  old = variables["batch_stats"]["stem_bn"]["mean"]
+  new = updates["batch_stats"]["stem_bn"]["mean"]
+  conv = jax.lax.conv_general_dilated(
+      (x - 0.0) / 1.0, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(new, 0.9 * old + 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def test_policy_network_specs():
+  cifar = resnet.policy_spec(resnet.make_spec("cifar_resnet110"))
+  assert (cifar.name, cifar.num_classes, cifar.shortcut) == ("cifar_resnet8", 54, "avgpool")
+  imagenet = resnet.policy_spec(resnet.make_spec("imagenet_resnet101"))
+  assert (imagenet.name, imagenet.num_classes, imagenet.input_pool) == ("imagenet_resnet10", 33, 2)
+  variables = jax.eval_shape(lambda: resnet.init(imagenet, jax.random.key(0)))
+  out = jax.eval_shape(lambda v: resnet.apply(imagenet, v, jnp.zeros((1, 224, 224, 3))), variables)
+  assert out.shape == (1, 33)
+
+
+def test_spec_json_round_trip():
+  spec = resnet.policy_spec(resnet.make_spec("imagenet_resnet50"))
+  assert resnet.ResNetSpec.from_json(spec.to_json()) == spec
