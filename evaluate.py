@@ -1,11 +1,17 @@
-"""Evaluate a ResNet (PyTorch file, safetensors export) on a CIFAR split.
+"""Evaluate a ResNet or a BlockDrop run on a CIFAR split.
 
   python evaluate.py --checkpoint resnet32.th --data ../shared/data/cifar10/subset/test_batch_first1000.bin
+  python evaluate.py --checkpoint runs/r32 --data ... [--best] [--baselines] [--json out.json]
+
+A PyTorch/safetensors file is evaluated as a full ResNet (accuracy, per-image predictions); a
+training workdir as BlockDrop, with the original test.py report (accuracy, block usage, FLOPs/img
+with the policy network, unique policies) and per-image policies.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from blockdrop_jax import cli
@@ -25,22 +31,38 @@ def parse_args(argv=None):
   p.add_argument("--arch", default=None, help="override the architecture inferred from the keys")
   p.add_argument("--shortcut", default=None, choices=("A", "avgpool", "projection"),
                  help="override the shortcut kind inferred from the keys")
+  p.add_argument("--best", action="store_true", help="workdir: the best checkpoint, not the last")
+  p.add_argument("--baselines", action="store_true",
+                 help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
   p.add_argument("--batch-size", type=int, default=250)
-  p.add_argument("--json", default=None, help="write accuracy and per-image predictions here")
+  p.add_argument("--json", default=None, help="write the results and per-image outputs here")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   with cli.user_errors():
-    from blockdrop_jax import convert, data, evaluation
-    spec, variables = convert.load_pretrained(args.checkpoint, args.arch, args.shortcut)
+    from blockdrop_jax import convert, data, evaluation, trainer
     dataset = data.load_dataset(args.data, args.split, args.dataset, args.data_dir, args.download)
-    result = evaluation.evaluate_resnet(spec, variables, dataset, args.batch_size)
+    if os.path.isdir(args.checkpoint):
+      nets, params, stats, meta = trainer.load_run(args.checkpoint, best=args.best)
+      result = evaluation.blockdrop_report(nets, params, stats, dataset, args.batch_size)
+      print(f"BlockDrop {nets.resnet.name} ({meta['stage']} epoch {meta['epoch']}) on {dataset.source}")
+      print(evaluation.format_report(result))
+      if args.baselines:
+        result["baselines"] = evaluation.baselines(nets, params, stats, dataset, result["blocks_mean"],
+                                                   args.batch_size)
+        for name, report in result["baselines"].items():
+          print(f"{name}: Accuracy: {report['accuracy']:.3f}  Blocks: {report['blocks_mean']:.2f}  "
+                f"FLOPs/img: {report['flops_mean']:.2E}")
+      spec = nets.resnet
+    else:
+      spec, variables = convert.load_pretrained(args.checkpoint, args.arch, args.shortcut)
+      result = evaluation.evaluate_resnet(spec, variables, dataset, args.batch_size)
+      print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
+            f"({result['correct']}/{result['n']})")
     result.update(checkpoint=args.checkpoint, data=dataset.source, arch=spec.name,
                   shortcut=spec.shortcut, num_blocks=spec.num_blocks)
-    print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
-          f"({result['correct']}/{result['n']})")
     if args.json:
       cli.write_json(args.json, result)
   return 0

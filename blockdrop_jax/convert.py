@@ -220,8 +220,10 @@ def load_torch_file(path: str) -> dict:
         "are accepted; re-save the state_dict alone, or convert it to safetensors.") from e
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
-  if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-    obj = obj["model"]
+  for key in ("net", "model", "agent"):  # the original BlockDrop saves {'net': ...} / {'agent': ...}
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+      break
   if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
     raise BlockDropError(f"{path} holds no state dict of tensors")
   return {k: v.detach().cpu().numpy() for k, v in obj.items()}

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from blockdrop_jax import flops, steps
 from blockdrop_jax.data import Dataset, to_unit_float
 from blockdrop_jax.models import resnet
 
@@ -47,3 +48,82 @@ def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_
       "n": len(dataset),
       "predictions": predictions.tolist(),
   }
+
+
+_greedy_eval = jax.jit(steps.greedy_eval, static_argnums=0)
+_resnet_eval = jax.jit(steps.resnet_eval, static_argnums=0)
+
+
+def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,
+                     k: Optional[int] = None, progress: bool = True) -> dict:
+  """What the original ``test.py`` prints, plus per-image predictions and policies.
+
+  FLOPs/img counts the policy network and only the blocks each image runs (DESIGN.md s.4)."""
+  k = None if k is None else jnp.int32(k)
+  logits, policies = batched(lambda x: _greedy_eval(nets, params, stats, x, k), (dataset.images,),
+                             min(batch_size, len(dataset)), progress=progress)
+  image_size = dataset.images.shape[1]
+  return _report(logits, policies, dataset, flops.policy_flops(nets.resnet, nets.policy, policies,
+                                                               image_size))
+
+
+def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, policies: np.ndarray,
+                        batch_size: int = 250, progress: bool = True) -> dict:
+  """The same report for given per-image policies (baselines: full network, FirstK, RandomK)."""
+  logits = batched(lambda x, p: _resnet_eval(nets, params, stats, x, p), (dataset.images, policies),
+                   min(batch_size, len(dataset)), progress=progress)
+  return _report(logits, policies, dataset,
+                 flops.flops_table(nets.resnet, dataset.images.shape[1]).under(policies))
+
+
+def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:
+  predictions = logits.argmax(-1)
+  blocks = policies.sum(-1)
+  return {
+      "accuracy": float(np.mean(predictions == dataset.labels)),
+      "correct": int(np.sum(predictions == dataset.labels)),
+      "n": len(dataset),
+      "blocks_mean": float(blocks.mean()), "blocks_std": float(blocks.std()),
+      "flops_mean": float(np.mean(per_image_flops)), "flops_std": float(np.std(per_image_flops)),
+      "unique_policies": int(len(np.unique(policies, axis=0))),
+      "predictions": predictions.tolist(),
+      "policies": policies.astype(np.int8).tolist(),
+  }
+
+
+def first_k_policies(n: int, num_blocks: int, k: int) -> np.ndarray:
+  """FirstK baseline: every image runs the first k blocks."""
+  return np.broadcast_to((np.arange(num_blocks) < k).astype(np.float32), (n, num_blocks)).copy()
+
+
+def random_k_policies(n: int, num_blocks: int, k: int, seed: int = 0) -> np.ndarray:
+  """RandomK baseline: every image runs k blocks drawn at random."""
+  rng = np.random.default_rng(seed)
+  policies = np.zeros((n, num_blocks), np.float32)
+  for row in policies:
+    row[rng.choice(num_blocks, k, replace=False)] = 1.0
+  return policies
+
+
+def format_report(report: dict) -> str:
+  """The original ``test.py`` lines."""
+  return "\n".join([
+      f"Accuracy: {report['accuracy']:.3f}",
+      f"Block Usage: {report['blocks_mean']:.3f} \u00b1 {report['blocks_std']:.3f}",
+      f"FLOPs/img: {report['flops_mean']:.2E} \u00b1 {report['flops_std']:.2E}",
+      f"Unique Policies: {report['unique_policies']}",
+  ])
+
+
+def baselines(nets: steps.Nets, params, stats, dataset: Dataset, mean_blocks: float,
+              batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict:
+  """Full network, FirstK and RandomK at k = round(mean blocks of a BlockDrop policy)."""
+  K, n = nets.resnet.num_blocks, len(dataset)
+  k = int(round(mean_blocks))
+  policies = {"full": np.ones((n, K), np.float32), f"first{k}": first_k_policies(n, K, k),
+              f"random{k}": random_k_policies(n, K, k, seed)}
+  out = {}
+  for name, policy in policies.items():
+    report = fixed_policy_report(nets, params, stats, dataset, policy, batch_size, progress)
+    out[name] = {key: value for key, value in report.items() if key != "policies"}
+  return out

@@ -113,9 +113,11 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
                  use_bias=False, name=name)
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  # PyTorch: running = 0.9 running + 0.1 batch, eps 1e-5.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def _batch_norm(train: bool, name: str, axis_name: Optional[str] = None) -> nn.BatchNorm:
+  # PyTorch: running = 0.9 running + 0.1 batch, eps 1e-5. With ``axis_name`` (pmap/shard_map)
+  # batch statistics are averaged over devices.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
+                      axis_name=axis_name)
 
 
 class Block(nn.Module):
@@ -127,6 +129,7 @@ class Block(nn.Module):
   stride: int
   shortcut_kind: str
   expansion: int = 1
+  axis_name: Optional[str] = None
 
   @property
   def out_channels(self) -> int:
@@ -143,12 +146,14 @@ class Block(nn.Module):
     return residual, nn.relu(residual + self.branch(x, train))
 
   def branch(self, x, train):
+    def conv_bn(x, i, features, kernel, stride):
+      return _batch_norm(train, f"bn{i}", self.axis_name)(_conv(features, kernel, stride, f"conv{i}")(x))
+
     if self.block == "basic":
-      x = nn.relu(_batch_norm(train, "bn1")(_conv(self.width, 3, self.stride, "conv1")(x)))
-      return _batch_norm(train, "bn2")(_conv(self.width, 3, 1, "conv2")(x))
-    x = nn.relu(_batch_norm(train, "bn1")(_conv(self.width, 1, 1, "conv1")(x)))
-    x = nn.relu(_batch_norm(train, "bn2")(_conv(self.width, 3, self.stride, "conv2")(x)))
-    return _batch_norm(train, "bn3")(_conv(self.out_channels, 1, 1, "conv3")(x))
+      return conv_bn(nn.relu(conv_bn(x, 1, self.width, 3, self.stride)), 2, self.width, 3, 1)
+    x = nn.relu(conv_bn(x, 1, self.width, 1, 1))
+    x = nn.relu(conv_bn(x, 2, self.width, 3, self.stride))
+    return conv_bn(x, 3, self.out_channels, 1, 1)
 
   def shortcut(self, x, train):
     if not self.changes_shape:
@@ -162,21 +167,23 @@ class Block(nn.Module):
       return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
     x = nn.Conv(self.out_channels, (1, 1), (self.stride, self.stride), use_bias=False,
                 name="shortcut_conv")(x)
-    return _batch_norm(train, "shortcut_bn")(x)
+    return _batch_norm(train, "shortcut_bn", self.axis_name)(x)
 
 
 class ResNet(nn.Module):
   """A ResNet over a flat list of K blocks; ``policy`` (batch, K) in {0, 1} gates each block."""
 
   spec: ResNetSpec
+  axis_name: Optional[str] = None  # BatchNorm averages batch statistics over it (pmap/shard_map)
 
   def setup(self):
     s = self.spec
     self.stem_conv = _conv(s.stem_width, 3 if s.stem == "cifar" else 7, 1 if s.stem == "cifar" else 2,
                            "stem_conv")
-    self.stem_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, name="stem_bn")
+    self.stem_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.axis_name, name="stem_bn")
     self.blocks = [
-        Block(s.block, in_ch, width, stride, s.shortcut, s.expansion, name=f"block{t}")
+        Block(s.block, in_ch, width, stride, s.shortcut, s.expansion, self.axis_name,
+              name=f"block{t}")
         for t, (_, _, in_ch, width, stride) in enumerate(s.block_layout())]
     self.fc = nn.Dense(s.num_classes, name="fc")
 

@@ -1,0 +1,54 @@
+"""Rewards, self-critical advantage and the policy-gradient terms of BlockDrop.
+
+Conventions follow the original code (Wu et al., ``cl_training.py`` / ``finetune.py``); each of
+its quirks is the default here and is switchable in the config (see ``configs/default.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def reward(policy, correct, penalty: float):
+  """R(u) = 1 - (|u|_1 / K)^2 for a correct prediction, else ``penalty`` (negative)."""
+  usage = jnp.mean(policy.astype(jnp.float32), axis=-1)
+  return jnp.where(correct, 1.0 - usage ** 2, penalty)
+
+
+def bounded_log_probs(logits, alpha: float):
+  """log p' and log(1 - p') for p' = alpha p + (1 - alpha)(1 - p), p = sigmoid(logits).
+
+  Computed in log space from the logits, so alpha = 1 (no bound) stays finite as well.
+  """
+  log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  if alpha == 1.0:
+    return log_p, log_not_p
+  log_a, log_not_a = jnp.log(alpha), jnp.log1p(-alpha)
+  return (jnp.logaddexp(log_a + log_p, log_not_a + log_not_p),
+          jnp.logaddexp(log_not_a + log_p, log_a + log_not_p))
+
+
+def greedy_policy(logits, alpha: float, from_bounded: bool = False):
+  """u_map = (p >= 0.5). The original thresholds the unbounded p; for alpha > 0.5 the bounded p'
+  crosses 0.5 at the same logit, for alpha < 0.5 the decision flips."""
+  if from_bounded and alpha < 0.5:
+    return (logits <= 0).astype(jnp.float32)
+  return (logits >= 0).astype(jnp.float32)
+
+
+def sample_policy(key, log_p_bounded):
+  """u ~ Bernoulli(p')."""
+  return (jax.random.uniform(key, log_p_bounded.shape) < jnp.exp(log_p_bounded)).astype(jnp.float32)
+
+
+def log_likelihood(policy, log_p, log_not_p):
+  """log p'(u) per block."""
+  return policy * log_p + (1.0 - policy) * log_not_p
+
+
+def entropy_bonus(log_p, log_not_p, full: bool = False):
+  """Per-block entropy of the bounded Bernoulli. The original keeps only the -p' log p' half."""
+  p = jnp.exp(log_p)
+  one_term = -p * log_p
+  return one_term - jnp.exp(log_not_p) * log_not_p if full else one_term

@@ -1,0 +1,214 @@
+"""Pure train and eval steps for the three stages: pretrain, curriculum, finetune.
+
+Each step is ``step(state, images, labels, key, ...) -> (state, metrics)`` with all randomness
+from ``key``, so it runs under ``jit``, ``shard_map``/``pmap`` and in a notebook alike. Images are
+uint8; augmentation happens inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from blockdrop_jax import curriculum, rewards
+from blockdrop_jax.data import augment_cifar, to_unit_float
+from blockdrop_jax.models import resnet
+from blockdrop_jax.models.resnet import ResNetSpec
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes. ``params``/``batch_stats`` hold 'resnet' and (after pretraining)
+  'policy' entries; the optimiser decides which of them train."""
+
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: Any
+
+
+def create_state(params: dict, batch_stats: dict, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLoss:
+  """The BlockDrop objective. Defaults are the original's quirks (DESIGN.md section 3)."""
+
+  alpha: float = 0.8
+  beta: float = 0.1  # entropy weight (curriculum only)
+  penalty: float = -1.0
+  full_entropy: bool = False  # original: only the -p' log p' half of the Bernoulli entropy
+  greedy_from_bounded: bool = False  # original: greedy baseline from the unbounded p
+  finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Nets:
+  resnet: ResNetSpec
+  policy: Optional[ResNetSpec] = None
+  augment: bool = True
+  axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
+
+
+def _forward(nets: Nets, spec: ResNetSpec, params, stats, images, policy=None, train=False):
+  """(logits, new batch stats) of one network."""
+  model = resnet.ResNet(spec, axis_name=nets.axis_name)
+  variables = {"params": params, "batch_stats": stats}
+  if not train:
+    return model.apply(variables, images, policy), stats
+  logits, updates = model.apply(variables, images, policy, train=True, mutable=["batch_stats"])
+  return logits, updates["batch_stats"]
+
+
+def _mean_over_devices(tree, axis_name):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _inputs(nets: Nets, key, images):
+  x = to_unit_float(images)
+  return augment_cifar(key, x) if nets.augment else x
+
+
+def _apply_updates(state: TrainState, tx, grads, batch_stats) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return TrainState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+
+
+def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key):
+  """Cross-entropy training of the full ResNet (BatchNorm in training mode)."""
+  x = _inputs(nets, key, images)
+
+  def loss_fn(params):
+    logits, stats = _forward(nets, nets.resnet, params["resnet"], state.batch_stats["resnet"], x,
+                             train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, stats)
+
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = _mean_over_devices(grads, nets.axis_name)
+  state = _apply_updates(state, tx, grads, {**state.batch_stats, "resnet": stats})
+  return state, _mean_over_devices({"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == labels)},
+                                   nets.axis_name)
+
+
+def _policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
+  logits, policy_stats = _forward(nets, nets.policy, params["policy"], stats["policy"], x,
+                                  train=True)
+  log_p, log_not_p = rewards.bounded_log_probs(logits, loss.alpha)
+  sampled = jax.lax.stop_gradient(rewards.sample_policy(key, log_p))
+  greedy = rewards.greedy_policy(jax.lax.stop_gradient(logits), loss.alpha, loss.greedy_from_bounded)
+  return log_p, log_not_p, sampled, greedy, policy_stats
+
+
+def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key, k):
+  """Stage 1 loss (ResNet frozen, BN inference mode) and its measurements.
+
+  Returns (loss, (metrics, new policy batch stats)). ``k`` is the number of policy-controlled
+  blocks; it may be a traced value, so the whole curriculum compiles once.
+  """
+  K = nets.resnet.num_blocks
+  log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
+  mask = curriculum.controlled_mask(k, K)
+  sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
+  frozen = jax.lax.stop_gradient(params["resnet"])
+  logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
+  logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
+  total, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                                    logits_greedy, labels, mask, entropy=True, mean=True)
+  return total, (metrics, policy_stats)
+
+
+def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                     logits_greedy, labels, mask, entropy: bool, mean: bool):
+  batch = labels.shape[0]
+  correct_sampled = logits_sampled.argmax(-1) == labels
+  reward_sampled = rewards.reward(sampled, correct_sampled, loss.penalty)
+  reward_greedy = rewards.reward(greedy, logits_greedy.argmax(-1) == labels, loss.penalty)
+  advantage = jax.lax.stop_gradient(reward_sampled - reward_greedy)
+  log_lik = rewards.log_likelihood(sampled, log_p, log_not_p) * mask
+  pg = -jnp.sum(log_lik * advantage[:, None])
+  total = pg
+  if entropy:
+    total = total - loss.beta * jnp.sum(rewards.entropy_bonus(log_p, log_not_p, loss.full_entropy))
+  if mean:
+    total = total / batch
+  metrics = {
+      "reward": jnp.mean(reward_sampled),
+      "reward_greedy": jnp.mean(reward_greedy),
+      "accuracy_sampled": jnp.mean(correct_sampled),
+      "accuracy_greedy": jnp.mean(logits_greedy.argmax(-1) == labels),
+      "blocks_sampled": jnp.mean(jnp.sum(sampled, -1)),
+      "blocks_greedy": jnp.mean(jnp.sum(greedy, -1)),
+      "policy_loss": pg / batch,
+  }
+  return total, metrics
+
+
+def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key, k):
+  """One curriculum update of the policy network; the ResNet stays frozen."""
+  aug_key, sample_key = jax.random.split(key)
+  x = _inputs(nets, aug_key, images)
+  grad_fn = jax.value_and_grad(
+      lambda p: curriculum_loss(nets, loss, p, state.batch_stats, x, labels, sample_key, k),
+      has_aux=True)
+  (total, (metrics, policy_stats)), grads = grad_fn(state.params)
+  grads = _mean_over_devices(grads, nets.axis_name)
+  state = _apply_updates(state, tx, grads, {**state.batch_stats, "policy": policy_stats})
+  return state, _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+
+
+def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key):
+  """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
+  sampled pass. Both ResNet passes run with BatchNorm in training mode, greedy first, as the
+  original does; gradients reach the ResNet only through the sampled pass."""
+  log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
+  logits_greedy, resnet_stats = _forward(nets, nets.resnet, jax.lax.stop_gradient(params["resnet"]),
+                                         stats["resnet"], x, greedy, train=True)
+  logits_greedy = jax.lax.stop_gradient(logits_greedy)
+  logits_sampled, resnet_stats = _forward(nets, nets.resnet, params["resnet"], resnet_stats, x,
+                                          sampled, train=True)
+  ones = jnp.ones((nets.resnet.num_blocks,))
+  pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                                 logits_greedy, labels, ones, entropy=False,
+                                 mean=loss.finetune_pg_mean)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits_sampled, labels).mean()
+  metrics = {**metrics, "cross_entropy": cross_entropy}
+  return pg + cross_entropy, (metrics, {"policy": policy_stats, "resnet": resnet_stats})
+
+
+def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key):
+  """One joint update of the policy network and the ResNet."""
+  aug_key, sample_key = jax.random.split(key)
+  x = _inputs(nets, aug_key, images)
+  grad_fn = jax.value_and_grad(
+      lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key), has_aux=True)
+  (total, (metrics, stats)), grads = grad_fn(state.params)
+  grads = _mean_over_devices(grads, nets.axis_name)
+  state = _apply_updates(state, tx, grads, stats)
+  return state, _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+
+
+def greedy_eval(nets: Nets, params, stats, images, k=None):
+  """Test-time BlockDrop: greedy policy from the policy net, then the gated ResNet.
+
+  Returns (logits, policy) for uint8 images, both networks in inference mode. With ``k`` (during
+  the curriculum) the blocks outside the policy's control are forced on, as in training."""
+  x = to_unit_float(images)
+  policy_logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], x)
+  policy = (policy_logits >= 0).astype(jnp.float32)
+  if k is not None:
+    policy = curriculum.force_prefix(policy, curriculum.controlled_mask(k, nets.resnet.num_blocks))
+  logits, _ = _forward(nets, nets.resnet, params["resnet"], stats["resnet"], x, policy)
+  return logits, policy
+
+
+def resnet_eval(nets: Nets, params, stats, images, policy=None):
+  """Logits of the ResNet alone (inference mode) under an optional fixed policy."""
+  return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], to_unit_float(images),
+                  policy)[0]

@@ -1,0 +1,371 @@
+"""The one trainer: runs a chain of stages (pretrain, curriculum, finetune), resumable at any step.
+
+Where a run stands (stage, epoch, batch within the epoch, global step) is saved with every
+checkpoint. Batches come from ``data.epoch_order(seed, epoch)`` and step keys from
+``fold_in(seed key, global step)``, so a resumed run replays exactly the batches and random draws
+the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from blockdrop_jax import checkpoint, convert, curriculum, evaluation
+from blockdrop_jax.data import Dataset, epoch_order, load_dataset
+from blockdrop_jax.errors import BlockDropError
+from blockdrop_jax.models import resnet
+from blockdrop_jax.steps import Nets, PolicyLoss, TrainState, create_state
+from blockdrop_jax import steps
+
+STAGES = ("pretrain", "curriculum", "finetune")
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run needs besides its train state."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  nets: Nets
+  train: Dataset
+  test: Dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n_devices: int = 1):
+  """Bad values get one message naming the key and the fix, before any work is done."""
+  stages = tuple(config.stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise BlockDropError(f"config.stages {stages} has unknown stages {unknown}; use {STAGES}")
+  if "pretrain" not in stages and not (config.base.checkpoint or config.init_from):
+    raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
+                         "earlier run in config.init_from, or add 'pretrain' to config.stages")
+  if config.base.checkpoint and not os.path.isfile(config.base.checkpoint):
+    raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint)")
+  for stage in stages:
+    cfg = config[stage]
+    if stage != "pretrain":
+      if cfg.penalty >= 0:
+        raise BlockDropError(
+            f"config.{stage}.penalty = {cfg.penalty} must be negative: it is the reward of a wrong "
+            f"prediction, below any correct one (did you mean {-abs(cfg.penalty) or -1}?)")
+      if not 0.5 < cfg.alpha <= 1.0:
+        raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
+    if cfg.epochs < 1 or cfg.lr <= 0:
+      raise BlockDropError(f"config.{stage}: epochs ({cfg.epochs}) and lr ({cfg.lr}) must be positive")
+    if cfg.batch_size < 1 or cfg.batch_size % n_devices:
+      raise BlockDropError(f"config.{stage}.batch_size = {cfg.batch_size} does not split over "
+                           f"{n_devices} devices; use a multiple of {n_devices}")
+    if n_train is not None and cfg.batch_size > n_train:
+      raise BlockDropError(f"config.{stage}.batch_size = {cfg.batch_size} is larger than the "
+                           f"{n_train} training images; lower it")
+
+
+def _limit(dataset: Dataset, limit: int) -> Dataset:
+  if not limit:
+    return dataset
+  return dataclasses.replace(dataset, images=dataset.images[:limit], labels=dataset.labels[:limit])
+
+
+def load_data(config) -> tuple[Dataset, Dataset]:
+  d = config.data
+  if d.dataset == "imagenet2012":
+    raise BlockDropError(
+        "training on imagenet2012 needs a streaming input pipeline, which this trainer does not "
+        "have yet (it holds CIFAR-sized data in memory); blockdrop_jax.data.imagenet_source and "
+        "preprocess_imagenet read and transform it for your own loop")
+  kwargs = dict(dataset=d.dataset, data_dir=d.data_dir or None, download=d.download)
+  train = _limit(load_dataset(d.train, d.train_split, **kwargs), d.train_limit)
+  test = _limit(load_dataset(d.test, d.test_split, **kwargs), d.test_limit)
+  return train, test
+
+
+def initial_variables(config, key) -> tuple[Nets, dict, dict]:
+  """Specs and (params, batch_stats) of the base ResNet and the policy network: from
+  ``config.init_from`` (an earlier run's workdir), else a base file plus a fresh policy."""
+  if config.init_from:
+    nets, params, stats, _ = load_run(config.init_from)
+    return dataclasses.replace(nets, augment=config.data.augment), params, stats
+  if config.base.checkpoint:
+    spec, base = convert.load_pretrained(config.base.checkpoint, config.base.arch or None,
+                                         config.base.shortcut or None)
+  else:
+    spec = resnet.make_spec(config.base.arch, config.base.num_classes, config.base.shortcut or None)
+    base = resnet.init(spec, jax.random.fold_in(key, 1))
+  if config.base.input_mean or config.base.input_std:
+    spec = dataclasses.replace(spec, input_mean=tuple(config.base.input_mean or spec.input_mean),
+                               input_std=tuple(config.base.input_std or spec.input_std))
+  policy_spec = resnet.policy_spec(spec, config.policy_arch or None)
+  policy = resnet.init(policy_spec, jax.random.fold_in(key, 2))
+  nets = Nets(spec, policy_spec, augment=config.data.augment)
+  params = {"resnet": base["params"], "policy": policy["params"]}
+  stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
+  return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
+
+
+def make_optimizer(stage: str, cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The stage's optimiser over the networks it trains; the others get zero updates."""
+  if stage == "pretrain":
+    boundaries = {int(cfg.epochs * f) * steps_per_epoch: 0.1 for f in (0.5, 0.75)}
+    lr = optax.piecewise_constant_schedule(cfg.lr, boundaries)
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                        optax.sgd(lr, cfg.momentum, nesterov=cfg.nesterov))
+    trained = ("resnet",)
+  elif stage == "curriculum":
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+    trained = ("policy",)
+  else:
+    lr = optax.exponential_decay(cfg.lr, cfg.lr_decay_every * steps_per_epoch, 0.1, staircase=True)
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
+    trained = ("resnet", "policy")
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _: "train" if name in trained else "frozen", sub)
+            for name, sub in params.items()}
+
+  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+
+
+def policy_loss(config, stage: str) -> PolicyLoss:
+  cfg = config[stage]
+  return PolicyLoss(alpha=cfg.alpha, beta=cfg.get("beta", 0.0), penalty=cfg.penalty,
+                    **config.quirks.to_dict())
+
+
+def compiled_step(run: Run, stage: str, tx):
+  """The jitted step of ``stage`` with signature (state, images, labels, key, k)."""
+  nets = run.nets
+  if stage == "pretrain":
+    fn = lambda s, x, y, key, k: steps.pretrain_step(nets, tx, s, x, y, key)
+  elif stage == "curriculum":
+    loss = policy_loss(run.config, stage)
+    fn = lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
+  else:
+    loss = policy_loss(run.config, stage)
+    fn = lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key)
+  return jax.jit(fn, donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+def evaluate_stage(run: Run, stage: str, state: TrainState, k: Optional[int]) -> dict:
+  """Test metrics: plain accuracy for pretraining, the BlockDrop report otherwise."""
+  if stage == "pretrain":
+    result = evaluation.evaluate_resnet(
+        run.nets.resnet, {"params": state.params["resnet"], "batch_stats": state.batch_stats["resnet"]},
+        run.test, run.config.eval_batch_size, progress=False)
+    return {"test_accuracy": result["accuracy"]}
+  forced = k if stage == "curriculum" and k < run.nets.resnet.num_blocks else None
+  report = evaluation.blockdrop_report(run.nets, state.params, state.batch_stats, run.test,
+                                       run.config.eval_batch_size, k=forced, progress=False)
+  return {f"test_{key}": value for key, value in report.items()
+          if key in ("accuracy", "blocks_mean", "blocks_std", "flops_mean", "flops_std",
+                     "unique_policies")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+  """Per-epoch metrics as JSON lines and TensorBoard events; resumed runs drop lines past the
+  restored step, so each epoch is logged once."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+        self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
+          epoch_sums: Optional[dict] = None):
+  """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics."""
+  return {"epoch_sums": epoch_sums or {}, "stage_index": stage_index, "stage": tuple(config.stages)[stage_index], "epoch": epoch,
+          "batch": batch, "global_step": step, "seed": config.seed,
+          "resnet_spec": nets.resnet.to_json(), "policy_spec": nets.policy.to_json(),
+          "config": config.to_json(), "metrics": metrics}
+
+
+def load_run(workdir: str, best: bool = False) -> tuple[Nets, dict, dict, dict]:
+  """(nets, params, batch_stats, meta) of a run's latest (or best) checkpoint."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
+  ckpts = checkpoint.RunCheckpoints(workdir)
+  manager = ckpts.best if best else ckpts.last
+  step = manager.best_step() if best else manager.latest_step()
+  if step is None:
+    raise BlockDropError(f"{workdir} has no {'best ' if best else ''}checkpoint yet")
+  meta = ckpts.restore_meta(step, manager)
+  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  nets = Nets(resnet.ResNetSpec.from_json(meta["resnet_spec"]),
+              resnet.ResNetSpec.from_json(meta["policy_spec"]))
+  params, stats = jax.eval_shape(lambda: _init_params(nets))
+  stage = meta["stage"]
+  tx = make_optimizer(stage, config[stage], 1)
+  template = jax.eval_shape(lambda: create_state(params, stats, tx))
+  state, meta = ckpts.restore(step, template, manager)
+  ckpts.close()
+  return nets, state.params, state.batch_stats, meta
+
+
+def _init_params(nets: Nets) -> tuple[dict, dict]:
+  key = jax.random.key(0)
+  base, policy = resnet.init(nets.resnet, key), resnet.init(nets.policy, key)
+  return ({"resnet": base["params"], "policy": policy["params"]},
+          {"resnet": base["batch_stats"], "policy": policy["batch_stats"]})
+
+
+def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
+  tx = make_optimizer(stage, run.config[stage], steps_per_epoch)
+  return create_state(params, stats, tx), tx
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
+  """Runs (or resumes) every stage of ``config`` in ``workdir``; returns the final test metrics."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  train_ds, test_ds = load_data(config)
+  validate(config, len(train_ds), jax.device_count())
+  base_key = jax.random.key(config.seed)
+  nets, params, stats = initial_variables(config, base_key)
+  run = Run(config, workdir, nets, train_ds, test_ds)
+  ckpts = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
+  stages = tuple(config.stages)
+
+  # Where to start: the latest checkpoint, if any.
+  stage_index, epoch, batch, global_step, state, tx = 0, 0, 0, 0, None, None
+  sums_so_far, last_metrics = {}, {}
+  latest = ckpts.latest_step()
+  if latest is not None:
+    meta = ckpts.restore_meta(latest)
+    if meta["config"] != config.to_json():
+      raise BlockDropError(f"{workdir} holds a run with a different config; resume it with the same "
+                           "config, or use a new --workdir")
+    stage_index, epoch, batch, global_step = (meta["stage_index"], meta["epoch"], meta["batch"],
+                                              meta["global_step"])
+    sums_so_far, last_metrics = meta["epoch_sums"], meta["metrics"]
+    steps_per_epoch = len(train_ds) // config[stages[stage_index]].batch_size
+    template, tx = _fresh_state(run, stages[stage_index], params, stats, steps_per_epoch)
+    state, _ = ckpts.restore(latest, checkpoint.abstract(template))
+    params, stats = state.params, state.batch_stats
+  log = MetricsLog(workdir, global_step)
+
+  for stage_index in range(stage_index, len(stages)):
+    stage = stages[stage_index]
+    cfg = config[stage]
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if state is None:
+      state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch)
+    step_fn = compiled_step(run, stage, tx)
+    stage_key = jax.random.fold_in(base_key, stage_index)
+    K = nets.resnet.num_blocks
+    for epoch in range(epoch, cfg.epochs):
+      k = (curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block) if stage == "curriculum"
+           else K)
+      order = epoch_order(config.seed + 1000 * stage_index, epoch, len(train_ds))
+      sums = dict(sums_so_far)
+      bar = tqdm(range(batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{cfg.epochs}",
+                 disable=not progress, leave=False, unit="step")
+      for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        key = jax.random.fold_in(stage_key, global_step)
+        state, metrics = step_fn(state, train_ds.images[idx], train_ds.labels[idx], key,
+                                 jnp.int32(k))
+        metrics = jax.device_get(metrics)
+        if not math.isfinite(float(metrics["loss"])):
+          raise BlockDropError(
+              f"loss became NaN/Inf ({metrics['loss']}) in {stage}, epoch {epoch + 1}, step {global_step}: "
+              "stopped without saving this state; lower the learning rate (the last good "
+              "checkpoint is kept)")
+        global_step += 1
+        for name, value in metrics.items():
+          sums[name] = sums.get(name, 0.0) + float(value)
+        bar.set_postfix({n: f"{metrics[n]:.3f}" for n in ("reward", "accuracy", "accuracy_sampled",
+                                                         "blocks_sampled") if n in metrics})
+        every = config.checkpoint_every_steps
+        if every and global_step % every == 0 and b + 1 < steps_per_epoch:
+          ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch, b + 1,
+                                               global_step, last_metrics, sums))
+      batch, sums_so_far = 0, {}
+      record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
+                **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}}
+      last_epoch = epoch + 1 == cfg.epochs
+      score = None
+      if (epoch + 1) % config.eval_every == 0 or last_epoch:
+        record.update(evaluate_stage(run, stage, state, k))
+        # Only full-control (k = K) BlockDrop policies compete for "best".
+        score = record["test_accuracy"] if k == K else None
+      last_metrics = record
+      log.write(record)
+      ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch + 1, 0, global_step,
+                                           record), score if stage != "pretrain" else None)
+      tqdm.write(_summary(record))
+    epoch = 0
+    params, stats, state = state.params, state.batch_stats, None
+  log.close()
+  ckpts.close()
+  return last_metrics
+
+
+def _summary(record: dict) -> str:
+  parts = [f"{record['stage']} epoch {record['epoch']}"]
+  for key, value in record.items():
+    if key.startswith(("train_", "test_")) and isinstance(value, float):
+      parts.append(f"{key}={value:.4g}")
+  return " ".join(parts)
+
+
+def final_summary(metrics: dict, workdir: str) -> str:
+  """The original test report of the last evaluation and where the outputs went."""
+  lines = [f"Finished {metrics.get('stage', '?')} epoch {metrics.get('epoch', '?')}"]
+  if "test_blocks_mean" in metrics:
+    lines.append(evaluation.format_report({
+        "accuracy": metrics["test_accuracy"], "blocks_mean": metrics["test_blocks_mean"],
+        "blocks_std": metrics["test_blocks_std"], "flops_mean": metrics["test_flops_mean"],
+        "flops_std": metrics.get("test_flops_std", 0.0),
+        "unique_policies": metrics["test_unique_policies"]}))
+  elif "test_accuracy" in metrics:
+    lines.append(f"Accuracy: {metrics['test_accuracy']:.3f}")
+  lines.append(f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (best: "
+               f"{os.path.join(workdir, 'best')}); metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
+               f"TensorBoard: {os.path.join(workdir, 'tensorboard')}")
+  return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Defaults shared by every experiment: the original BlockDrop hyper-parameters (DESIGN.md s.3).
+
+Experiments import this and override. Variants: ``configs/NAME.py:smoke`` shrinks a config to
+a seconds-long run for tests.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Stages run in order; each starts from the previous one's weights.
+  c.stages = ("curriculum", "finetune")
+  # Base ResNet: a PyTorch/safetensors file (architecture inferred from its keys), or, for the
+  # pretrain stage, an architecture trained from scratch.
+  c.base = ml_collections.ConfigDict(dict(
+      checkpoint="", arch="cifar_resnet32", shortcut="", num_classes=10,
+      # Input normalisation of the base; empty: what the weights' source used (see convert.py).
+      input_mean=(), input_std=()))
+  c.init_from = ""  # an earlier run's workdir: start from its latest weights (base and policy)
+  c.policy_arch = ""  # default: ResNet-8 (CIFAR) or ResNet-10 at 112 px (ImageNet)
+  c.data = ml_collections.ConfigDict(dict(
+      train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
+      data_dir="", download=False, train_limit=0, test_limit=0, augment=True))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
+  c.curriculum = ml_collections.ConfigDict(dict(
+      epochs=5000, batch_size=2048, lr=1e-3, weight_decay=0.0, alpha=0.8, beta=0.1, penalty=-1.0,
+      epochs_per_block=1))
+  c.finetune = ml_collections.ConfigDict(dict(
+      epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
+      penalty=-5.0))
+  # The original's quirks are the defaults; each switch restores the textbook form.
+  c.quirks = ml_collections.ConfigDict(dict(
+      full_entropy=False,  # True: full Bernoulli entropy instead of only -p' log p'
+      greedy_from_bounded=False,  # True: greedy baseline thresholds the bounded p'
+      finetune_pg_mean=False,  # True: average the finetune policy-gradient term over the batch
+  ))
+  c.eval_every = 10  # epochs
+  c.checkpoint_every_steps = 0  # 0: at the end of each epoch only
+  c.keep_checkpoints = 3
+  c.eval_batch_size = 500
+  return apply_variant(c, variant)
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  if variant == "smoke":
+    shrink_to_smoke(c)
+  elif variant:
+    raise ValueError(f"unknown config variant {variant!r}; use 'smoke' or none")
+  return c
+
+
+def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
+  """A few steps on a few images: exercises every code path in seconds."""
+  c.data.train_limit, c.data.test_limit = 64, 64
+  c.pretrain.update(epochs=2, batch_size=16)
+  c.curriculum.update(epochs=3, batch_size=16)
+  c.finetune.update(epochs=2, batch_size=16, lr_decay_every=1)
+  c.eval_every = 1
+  c.eval_batch_size = 32

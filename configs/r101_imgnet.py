@@ -1,0 +1,25 @@
+"""The original BlockDrop R101_ImgNet run: ImageNet ResNet-101 (torchvision weights, 76.4%),
+policy ResNet-10 at 112 px, finetuning with penalty -5 and batch 320 (its README: 76.4% at 24.8
+blocks of 33).
+
+Training streams ImageNet through TFDS ``imagenet2012`` (``--config.data.data_dir``); the
+in-memory trainer of this release refuses it with a clear message (see the README's status).
+"""
+
+from configs import default
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config(variant: str = ""):
+  c = default.get_config()
+  c.base.update(checkpoint="resnet101-5d3b4d8f.pth", arch="imagenet_resnet101",
+                shortcut="projection", num_classes=1000, input_mean=IMAGENET_MEAN,
+                input_std=IMAGENET_STD)
+  c.data.update(train="imagenet2012", test="imagenet2012", test_split="validation",
+                dataset="imagenet2012")
+  c.curriculum.update(epochs=45, batch_size=2048, lr=1e-3, beta=0.1, penalty=-1.0)
+  c.finetune.update(epochs=10, batch_size=320, lr=1e-4, lr_decay_every=5, penalty=-5.0)
+  default.apply_variant(c, variant)
+  return c

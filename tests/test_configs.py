@@ -1,0 +1,41 @@
+"""Every experiment config loads, validates its keys, and has a smoke variant."""
+
+import glob
+import os
+
+import pytest
+
+from blockdrop_jax import BlockDropError, configs
+from conftest import REPO
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", ["", "smoke"])
+def test_config_loads(path, variant):
+  config = configs.load(f"{path}:{variant}" if variant else path)
+  assert set(config.stages) <= {"pretrain", "curriculum", "finetune"}
+  if variant == "smoke":
+    assert config.data.train_limit and config.data.train_limit <= 64
+
+
+def test_original_hyper_parameters():
+  r110 = configs.load(os.path.join(REPO, "configs", "r110_c10.py"))
+  assert (r110.curriculum.lr, r110.curriculum.batch_size, r110.curriculum.alpha) == (1e-3, 2048, 0.8)
+  assert (r110.finetune.lr, r110.finetune.penalty, r110.finetune.batch_size) == (1e-4, -10.0, 256)
+  assert (r110.finetune.epochs, r110.finetune.lr_decay_every) == (2000, 1600)
+  assert r110.base.shortcut == "avgpool" and not r110.base.input_mean  # raw [0, 1] pixels
+
+
+def test_overrides_keep_types_and_refuse_unknown_keys():
+  path = os.path.join(REPO, "configs", "akamaster_r32_subset.py")
+  config = configs.load(path, ["--config.finetune.penalty=-10", "--config.stages=finetune",
+                               "--config.data.augment=false"])
+  assert config.finetune.penalty == -10.0 and config.stages == ("finetune",)
+  assert config.data.augment is False
+  with pytest.raises(BlockDropError, match="unknown config key config.finetune.pnalty"):
+    configs.load(path, ["--config.finetune.pnalty=-10"])
+  with pytest.raises(BlockDropError, match="unknown variant|unknown config variant"):
+    configs.load(path + ":huge")

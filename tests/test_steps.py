@@ -1,0 +1,79 @@
+"""Train steps: gradients go where DESIGN.md says, and nowhere else."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from blockdrop_jax import data, steps
+from blockdrop_jax.models import resnet
+
+
+@pytest.fixture(scope="module")
+def setup():
+  base = resnet.make_spec("cifar_resnet8", shortcut="avgpool")
+  nets = steps.Nets(base, resnet.policy_spec(base), augment=False)
+  b, p = resnet.init(base, jax.random.key(0)), resnet.init(nets.policy, jax.random.key(1))
+  params = {"resnet": b["params"], "policy": p["params"]}
+  stats = {"resnet": b["batch_stats"], "policy": p["batch_stats"]}
+  images = jax.random.randint(jax.random.key(2), (8, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(8) % 10
+  return nets, params, stats, images, labels
+
+
+def test_curriculum_loss_has_no_gradient_into_the_resnet(setup):
+  nets, params, stats, images, labels = setup
+  loss = steps.PolicyLoss(penalty=-5.0)
+  x = data.to_unit_float(images)
+  grads = jax.grad(lambda p: steps.curriculum_loss(nets, loss, p, stats, x, labels,
+                                                   jax.random.key(3), 3)[0])(params)
+  assert all(np.all(g == 0) for g in jax.tree.leaves(grads["resnet"]))
+  assert any(np.any(g != 0) for g in jax.tree.leaves(grads["policy"]))
+
+
+def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup):
+  """Rewards and the greedy pass carry no gradient: the ResNet learns only from the sampled CE."""
+  nets, params, stats, images, labels = setup
+  loss = steps.PolicyLoss(penalty=-5.0)
+  x = data.to_unit_float(images)
+  key = jax.random.key(4)
+  grads = jax.grad(lambda p: steps.finetune_loss(nets, loss, p, stats, x, labels, key)[0])(params)
+  _, (metrics, _) = steps.finetune_loss(nets, loss, params, stats, x, labels, key)
+  sampled = steps._policy_pass(nets, loss, params, stats, x, key)[2]
+
+  def ce(resnet_params):
+    logits, _ = resnet.ResNet(nets.resnet).apply(
+        {"params": resnet_params, "batch_stats": stats["resnet"]}, x, sampled, train=True,
+        mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  expected = jax.grad(ce)(params["resnet"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               grads["resnet"], expected)
+  assert float(metrics["blocks_sampled"]) > 0
+
+
+def test_finetune_policy_term_is_summed_over_the_batch_by_default(setup):
+  nets, params, stats, images, labels = setup
+  x = data.to_unit_float(images)
+  key = jax.random.key(5)
+  summed = steps.finetune_loss(nets, steps.PolicyLoss(penalty=-5.0), params, stats, x, labels, key)
+  averaged = steps.finetune_loss(nets, steps.PolicyLoss(penalty=-5.0, finetune_pg_mean=True),
+                                 params, stats, x, labels, key)
+  ce = summed[1][0]["cross_entropy"]
+  np.testing.assert_allclose(summed[0] - ce, (averaged[0] - ce) * 8, rtol=1e-4, atol=1e-5)
+
+
+def test_steps_are_jittable_and_deterministic(setup):
+  nets, params, stats, images, labels = setup
+  tx = optax.adam(1e-3)
+  step = jax.jit(lambda s, k, c: steps.curriculum_step(
+      steps.Nets(nets.resnet, nets.policy), steps.PolicyLoss(), tx, s, images, labels, k, c))
+  state = steps.create_state(params, stats, tx)
+  a, ma = step(state, jax.random.key(0), jnp.int32(2))
+  b, mb = step(state, jax.random.key(0), jnp.int32(3))
+  c, _ = step(state, jax.random.key(0), jnp.int32(2))
+  assert step._cache_size() == 1  # the curriculum k is traced: one compilation for all epochs
+  jax.tree.map(np.testing.assert_array_equal, a.params, c.params)
+  assert int(a.step) == 1 and set(ma) >= {"loss", "reward", "blocks_sampled", "accuracy_sampled"}

@@ -1,0 +1,135 @@
+"""train.py end to end on tiny configs: stages chain, resume after SIGKILL, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
+
+
+def train_cmd(workdir, *overrides, config=SMOKE):
+  return [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--workdir",
+          str(workdir), "--no-progress", *overrides]
+
+
+def run_train(workdir, *overrides, config=SMOKE):
+  return subprocess.run(train_cmd(workdir, *overrides, config=config), cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+
+
+def _one_line_error(proc, pattern):
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], proc.stderr
+
+
+def _final(workdir):
+  from blockdrop_jax import trainer
+  _, params, stats, meta = trainer.load_run(str(workdir))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return params, stats, meta, [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_data):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  assert proc.returncode == 0, proc.stderr
+  return workdir, proc
+
+
+def test_all_stages_run_and_print_the_report(uninterrupted):
+  workdir, proc = uninterrupted
+  for line in ("Accuracy: ", "Block Usage: ", "FLOPs/img: ", "Unique Policies: "):
+    assert line in proc.stdout
+  _, _, meta, records = _final(workdir)
+  assert [r["stage"] for r in records] == ["pretrain"] * 2 + ["curriculum"] * 3 + ["finetune"] * 2
+  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [1, 2, 3]
+  assert meta["stage"] == "finetune" and meta["epoch"] == 2
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(train_cmd(workdir, "--config.checkpoint_every_steps=1"), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill once a mid-epoch checkpoint of the curriculum stage exists (steps 9..: pretrain has 8).
+  target = workdir / "checkpoints" / "10"
+  deadline = time.time() + 300
+  while not target.exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert target.exists(), "the run ended before the checkpoint to kill at"
+  from blockdrop_jax import trainer
+  meta = trainer.load_run(str(workdir))[3]
+  assert meta["stage"] == "curriculum" and meta["batch"] > 0  # stopped inside an epoch
+  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  assert proc.returncode == 0, proc.stderr
+  params, stats, meta, records = _final(workdir)
+  params_ref, stats_ref, meta_ref, records_ref = _final(uninterrupted[0])
+  jax.tree.map(np.testing.assert_array_equal, params, params_ref)
+  jax.tree.map(np.testing.assert_array_equal, stats, stats_ref)
+  assert records == records_ref
+  assert meta["metrics"] == meta_ref["metrics"]
+
+
+def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
+  workdir, _ = uninterrupted
+  before = _final(workdir)[3]
+  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  assert proc.returncode == 0 and "Unique Policies" in proc.stdout
+  assert _final(workdir)[3] == before
+
+
+def test_unknown_config_key(tmp_path, shared_data):
+  _one_line_error(run_train(tmp_path, "--config.finetune.pneality=-5"),
+                  "unknown config key config.finetune.pneality")
+
+
+def test_positive_penalty_is_refused(tmp_path, shared_data):
+  _one_line_error(run_train(tmp_path, "--config.finetune.penalty=5"), "must be negative")
+
+
+def test_batch_larger_than_data(tmp_path, shared_data):
+  _one_line_error(run_train(tmp_path, "--config.curriculum.batch_size=128"),
+                  "larger than the 64 training images")
+
+
+def test_missing_base_checkpoint(tmp_path, shared_data):
+  _one_line_error(run_train(tmp_path, "--config.base.checkpoint=/nope/resnet.th"),
+                  "base checkpoint not found: /nope/resnet.th")
+
+
+def test_corrupted_checkpoint_is_reported_and_kept(uninterrupted, tmp_path):
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(uninterrupted[0], workdir)
+  latest = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  for root, _, files in os.walk(workdir / "checkpoints" / str(latest) / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  _one_line_error(run_train(workdir, "--config.checkpoint_every_steps=1"), "cannot be read")
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_nan_stops_without_saving_it(tmp_path, shared_data):
+  proc = run_train(tmp_path, "--config.stages=pretrain", "--config.pretrain.lr=1e30")
+  _one_line_error(proc, "NaN")
+  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  from blockdrop_jax import trainer
+  if steps:  # whatever was saved before the blow-up is finite
+    params = trainer.load_run(str(tmp_path))[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
