@@ -34,6 +34,8 @@ def parse_args(argv=None):
   p.add_argument("--best", action="store_true", help="workdir: the best checkpoint, not the last")
   p.add_argument("--baselines", action="store_true",
                  help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
+  p.add_argument("--mode", choices=("grouped", "masked"), default="grouped",
+                 help="workdir: how blocks run; grouped (default) runs each image's blocks only")
   p.add_argument("--batch-size", type=int, default=250)
   p.add_argument("--json", default=None, help="write the results and per-image outputs here")
   return p.parse_args(argv)
@@ -46,9 +48,12 @@ def main(argv=None) -> int:
     dataset = data.load_dataset(args.data, args.split, args.dataset, args.data_dir, args.download)
     if os.path.isdir(args.checkpoint):
       nets, params, stats, meta = trainer.load_run(args.checkpoint, best=args.best)
-      result = evaluation.blockdrop_report(nets, params, stats, dataset, args.batch_size)
+      result = evaluation.blockdrop_report(nets, params, stats, dataset, args.batch_size,
+                                           mode=args.mode)
       print(f"BlockDrop {nets.resnet.name} ({meta['stage']} epoch {meta['epoch']}) on {dataset.source}")
       print(evaluation.format_report(result))
+      print(f"Speed: {result['images_per_s']:.1f} images/s ({args.mode} execution, compilation "
+            "included; benchmarks/speed.py measures steady state)")
       if args.baselines:
         result["baselines"] = evaluation.baselines(nets, params, stats, dataset, result["blocks_mean"],
                                                    args.batch_size)

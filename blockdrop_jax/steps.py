@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from blockdrop_jax import curriculum, rewards
+from blockdrop_jax import curriculum, execution, rewards
 from blockdrop_jax.data import augment_cifar, to_unit_float
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
@@ -54,6 +54,8 @@ class Nets:
   policy: Optional[ResNetSpec] = None
   augment: bool = True
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
+  # Curriculum: run the forced-on prefix once for both passes (same results, less work).
+  shared_prefix: bool = True
 
 
 def _forward(nets: Nets, spec: ResNetSpec, params, stats, images, policy=None, train=False):
@@ -117,8 +119,12 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
-  logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
-  logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
+  if nets.shared_prefix:
+    logits_greedy, logits_sampled = execution.shared_prefix_pair(
+        nets.resnet, {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
+  else:
+    logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
+    logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
   total, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
                                     logits_greedy, labels, mask, entropy=True, mean=True)
   return total, (metrics, policy_stats)
@@ -194,18 +200,20 @@ def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, l
   return state, _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
 
 
-def greedy_eval(nets: Nets, params, stats, images, k=None):
-  """Test-time BlockDrop: greedy policy from the policy net, then the gated ResNet.
-
-  Returns (logits, policy) for uint8 images, both networks in inference mode. With ``k`` (during
+def greedy_policy(nets: Nets, params, stats, images, k=None):
+  """The test-time policy: p >= 0.5 from the policy net (inference mode). With ``k`` (during
   the curriculum) the blocks outside the policy's control are forced on, as in training."""
-  x = to_unit_float(images)
-  policy_logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], x)
-  policy = (policy_logits >= 0).astype(jnp.float32)
+  logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], to_unit_float(images))
+  policy = (logits >= 0).astype(jnp.float32)
   if k is not None:
     policy = curriculum.force_prefix(policy, curriculum.controlled_mask(k, nets.resnet.num_blocks))
-  logits, _ = _forward(nets, nets.resnet, params["resnet"], stats["resnet"], x, policy)
-  return logits, policy
+  return policy
+
+
+def greedy_eval(nets: Nets, params, stats, images, k=None):
+  """Test-time BlockDrop, masked: (logits, policy) of uint8 images, both nets in inference mode."""
+  policy = greedy_policy(nets, params, stats, images, k)
+  return resnet_eval(nets, params, stats, images, policy), policy
 
 
 def resnet_eval(nets: Nets, params, stats, images, policy=None):

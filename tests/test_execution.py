@@ -1,0 +1,104 @@
+"""Every execution mode gives the masked outputs, on real images and pretrained weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockdrop_jax import convert, data, execution, steps
+from blockdrop_jax.models import resnet
+from conftest import akamaster_file
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def net(shared_data, test_records):
+  spec, variables = convert.load_pretrained(akamaster_file(shared_data, 20))
+  images = np.asarray(data.to_unit_float(data.read_cifar_records(test_records)[0][:48]))
+  return spec, variables, images
+
+
+def _policies(n, K, seed=0, keep=0.4, unique=None):
+  rng = np.random.default_rng(seed)
+  if unique is None:
+    return (rng.random((n, K)) < keep).astype(np.float32)
+  pool = (rng.random((unique, K)) < keep).astype(np.float32)
+  return pool[rng.integers(0, unique, n)]
+
+
+def test_batch_skip_equals_masked(net):
+  spec, variables, images = net
+  policy = _policies(len(images), spec.num_blocks)
+  policy[:, 4] = 0.0  # a block nobody runs: skipped for the whole batch
+  masked = execution.run("masked", spec, variables, images, policy)
+  np.testing.assert_allclose(execution.run("batch_skip", spec, variables, images, policy), masked,
+                             atol=TOL)
+
+
+def test_batch_one_runs_each_images_own_blocks(net):
+  spec, variables, images = net
+  policy = _policies(8, spec.num_blocks, seed=1)
+  masked = execution.run("masked", spec, variables, images[:8], policy)
+  single = np.concatenate([execution.run("batch_skip", spec, variables, images[i:i + 1], policy[i:i + 1])
+                           for i in range(8)])
+  np.testing.assert_allclose(single, masked, atol=TOL)
+
+
+def test_grouped_equals_masked_with_bounded_compilations(net):
+  spec, variables, images = net
+  executor = execution.GroupedExecutor(spec, max_batch=16)
+  assert executor.buckets == (1, 4, 16)
+  for seed, unique in enumerate((3, 7, None, 5)):
+    policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
+    np.testing.assert_allclose(executor(variables, images, policy),
+                               execution.run("masked", spec, variables, images, policy), atol=TOL)
+  # Dozens of distinct policies, yet at most one trace per bucket size.
+  assert executor.trace_count <= len(executor.buckets)
+
+
+def test_grouping_and_bucketing():
+  policies = np.array([[1, 0], [0, 1], [1, 0], [1, 0], [0, 1]], np.float32)
+  groups = execution.group_by_policy(policies)
+  assert [g.tolist() for g in groups] == [[0, 2, 3], [1, 4]]
+  plan = execution.plan_batches([np.arange(11)], (1, 2, 4, 8))
+  assert [(len(i), size) for i, size in plan] == [(8, 8), (3, 4)]
+  assert execution.bucket_sizes(256) == (1, 4, 16, 64, 256)
+  assert execution.bucket_sizes(250, growth=2)[-2:] == (128, 250)
+
+
+def test_shared_prefix_curriculum_pass_equals_two_masked_passes(net):
+  spec, variables, images = net
+  K = spec.num_blocks
+  greedy, sampled = _policies(16, K, seed=2), _policies(16, K, seed=3)
+  pair = jax.jit(execution.shared_prefix_pair, static_argnums=0)
+  for k in (1, 4, K):
+    mask = np.arange(K) >= K - k
+    g, s = np.where(mask, greedy, 1.0), np.where(mask, sampled, 1.0)
+    ours = pair(spec, variables, images[:16], g, s, K - k)
+    np.testing.assert_allclose(ours[0], execution.run("masked", spec, variables, images[:16], g), atol=TOL)
+    np.testing.assert_allclose(ours[1], execution.run("masked", spec, variables, images[:16], s), atol=TOL)
+  assert pair._cache_size() == 1
+
+
+def test_curriculum_step_same_loss_and_gradients_with_shared_prefix(net):
+  spec, variables, images = net
+  policy_spec = resnet.policy_spec(spec)
+  pv = resnet.init(policy_spec, jax.random.key(0))
+  params = {"resnet": variables["params"], "policy": pv["params"]}
+  stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
+  labels = jnp.arange(16) % 10
+  results = []
+  for shared in (False, True):
+    nets = steps.Nets(spec, policy_spec, augment=False, shared_prefix=shared)
+    fn = jax.value_and_grad(lambda p: steps.curriculum_loss(
+        nets, steps.PolicyLoss(penalty=-5.0), p, stats, images[:16], labels, jax.random.key(1), 5),
+        has_aux=True)
+    results.append(jax.jit(fn)(params))
+  (loss_a, (m_a, _)), g_a = results[0]
+  (loss_b, (m_b, _)), g_b = results[1]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for key in m_a:
+    np.testing.assert_allclose(m_a[key], m_b[key], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_a["policy"],
+               g_b["policy"])
