@@ -38,6 +38,8 @@ class RunCheckpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self.last.save(step, args=args, force=True)
     if score is not None:
+      if step in self.best.all_steps():  # left by a run that stopped after saving it
+        self.best.delete(step)
       self.best.save(step, args=args, metrics={"score": float(score)}, force=True)
     self.last.wait_until_finished()
     self.best.wait_until_finished()

@@ -254,7 +254,11 @@ def load_safetensors(path: str) -> tuple[dict, Optional[ResNetSpec], Optional[st
 
 def load_pretrained(path: str, arch: Optional[str] = None,
                     shortcut: Optional[str] = None) -> tuple[ResNetSpec, dict]:
-  """(spec, variables) from a PyTorch ``.th``/``.pt`` file or our safetensors export."""
+  """(spec, variables) from a PyTorch ``.th``/``.pt`` file, our safetensors export, or a known
+  name such as ``akamaster/resnet32`` (resolved, downloaded if needed, and sha256-checked)."""
+  from blockdrop_jax import registry
+  if path in registry.WEIGHTS:
+    path = registry.resolve_weights(path)
   spec = layout = None
   if path.endswith(".safetensors") and os.path.isfile(path):
     state_dict, spec, layout = load_safetensors(path)

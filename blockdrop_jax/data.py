@@ -100,11 +100,14 @@ _FOLDERS = [
 
 def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-  """CIFAR-10/100 from a record file, an official archive folder, or TFDS by name.
+  """CIFAR-10/100 from a record file, an official archive folder, by name, or through TFDS.
 
   ``source`` is a path (a ``.bin`` record file, or a ``cifar-10-batches-bin``/``-py`` or
-  ``cifar-100-binary``/``-python`` folder) or a TFDS name (``cifar10``, ``cifar100``). A single
-  file is one split already, so ``split`` is ignored for it.
+  ``cifar-100-binary``/``-python`` folder), a name (``cifar10``, ``cifar100``: the official binary
+  archive from the offline data folder, the cache, or downloaded; see ``registry``), or
+  ``tfds:cifar10`` / ``tfds:cifar100`` (TFDS, with ``data_dir`` and ``download``). All give the
+  same arrays: uint8 NHWC images and int32 labels in the official record order. A single file is
+  one split already, so ``split`` is ignored for it.
   """
   if os.path.isfile(source):
     dataset = dataset or "cifar10"
@@ -120,10 +123,14 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
         return Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                        _RECORDS[kind][2], source)
     raise BlockDropError(f"{source} is not a CIFAR folder (no data_batch_1[.bin] or train[.bin])")
-  if source in ("cifar10", "cifar100"):
-    return _load_tfds(source, split, data_dir, download)
+  if source in _RECORDS:
+    from blockdrop_jax import registry
+    return load_dataset(registry.resolve_dataset(source), split)
+  if source.removeprefix("tfds:") in _RECORDS and source.startswith("tfds:"):
+    return _load_tfds(source.removeprefix("tfds:"), split, data_dir, download)
   raise BlockDropError(
-      f"data not found: {source!r} is neither a file, a folder, nor a TFDS name (cifar10, cifar100)")
+      f"data not found: {source!r} is neither a file, a folder, nor a dataset name (cifar10, "
+      "cifar100, tfds:cifar10, tfds:cifar100)")
 
 
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Dataset:
@@ -147,13 +154,20 @@ def to_unit_float(images) -> jax.Array:
 
 def augment_cifar(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
   """Random crop with ``pad`` zero pixels on each side, then random horizontal flip (per image)."""
-  n, h, w, _ = images.shape
+  return apply_crop_flip(images, *crop_flip_draws(key, images.shape[0], pad), pad=pad)
+
+
+def crop_flip_draws(key: jax.Array, n: int, pad: int = 4) -> tuple[jax.Array, jax.Array]:
+  """The random part of ``augment_cifar``: crop offsets (n, 2) and flips (n,)."""
   crop_key, flip_key = jax.random.split(key)
-  offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
+  return (jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1),
+          jax.random.bernoulli(flip_key, 0.5, (n,)))
+
+
+def apply_crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int = 4):
+  _, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
-      padded, offsets)
-  flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
   return jnp.where(flips[:, None, None, None], crops[:, :, ::-1, :], crops)
 
 

@@ -37,9 +37,11 @@ def greedy_policy(logits, alpha: float, from_bounded: bool = False):
   return (logits >= 0).astype(jnp.float32)
 
 
-def sample_policy(key, log_p_bounded):
-  """u ~ Bernoulli(p')."""
-  return (jax.random.uniform(key, log_p_bounded.shape) < jnp.exp(log_p_bounded)).astype(jnp.float32)
+def sample_policy(key, log_p_bounded, uniforms=None):
+  """u ~ Bernoulli(p'), from ``key`` or from given uniform draws of the same shape."""
+  if uniforms is None:
+    uniforms = jax.random.uniform(key, log_p_bounded.shape)
+  return (uniforms < jnp.exp(log_p_bounded)).astype(jnp.float32)
 
 
 def log_likelihood(policy, log_p, log_not_p):

@@ -16,7 +16,7 @@ import optax
 from flax import struct
 
 from blockdrop_jax import curriculum, execution, rewards
-from blockdrop_jax.data import augment_cifar, to_unit_float
+from blockdrop_jax.data import apply_crop_flip, crop_flip_draws, to_unit_float
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
@@ -72,9 +72,25 @@ def _mean_over_devices(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _this_devices_draws(nets: Nets, draw, key, rows: int):
+  """Random numbers for this device's rows of the global batch.
+
+  Under ``pmap``/``shard_map`` (``axis_name`` set) every device draws the whole global batch's
+  numbers and keeps its own rows, so a step samples the same crops, flips and policies on 1 device,
+  on 8 sharded devices and under ``pmap`` alike. ``draw(key, n)`` returns arrays of n rows."""
+  if nets.axis_name is None:
+    return draw(key, rows)
+  devices = jax.lax.psum(1, nets.axis_name)
+  start = jax.lax.axis_index(nets.axis_name) * rows
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, rows),
+                      draw(key, rows * devices))
+
+
 def _inputs(nets: Nets, key, images):
   x = to_unit_float(images)
-  return augment_cifar(key, x) if nets.augment else x
+  if not nets.augment:
+    return x
+  return apply_crop_flip(x, *_this_devices_draws(nets, crop_flip_draws, key, x.shape[0]))
 
 
 def _apply_updates(state: TrainState, tx, grads, batch_stats) -> TrainState:
@@ -103,7 +119,9 @@ def _policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
   logits, policy_stats = _forward(nets, nets.policy, params["policy"], stats["policy"], x,
                                   train=True)
   log_p, log_not_p = rewards.bounded_log_probs(logits, loss.alpha)
-  sampled = jax.lax.stop_gradient(rewards.sample_policy(key, log_p))
+  uniforms = _this_devices_draws(
+      nets, lambda k, n: jax.random.uniform(k, (n, logits.shape[1])), key, logits.shape[0])
+  sampled = jax.lax.stop_gradient(rewards.sample_policy(key, log_p, uniforms))
   greedy = rewards.greedy_policy(jax.lax.stop_gradient(logits), loss.alpha, loss.greedy_from_bounded)
   return log_p, log_not_p, sampled, greedy, policy_stats
 
@@ -185,6 +203,9 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key):
                                  mean=loss.finetune_pg_mean)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits_sampled, labels).mean()
   metrics = {**metrics, "cross_entropy": cross_entropy}
+  if nets.axis_name is not None and not loss.finetune_pg_mean:
+    # Gradients are averaged over devices; a sum over the global batch is n times that average.
+    pg = pg * jax.lax.psum(1, nets.axis_name)
   return pg + cross_entropy, (metrics, {"policy": policy_stats, "resnet": resnet_stats})
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from blockdrop_jax import checkpoint, convert, curriculum, evaluation
+from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry
 from blockdrop_jax.data import Dataset, epoch_order, load_dataset
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
@@ -57,8 +57,13 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
   if "pretrain" not in stages and not (config.base.checkpoint or config.init_from):
     raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
                          "earlier run in config.init_from, or add 'pretrain' to config.stages")
-  if config.base.checkpoint and not os.path.isfile(config.base.checkpoint):
-    raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint)")
+  if "pretrain" in stages and not config.base.arch:
+    raise BlockDropError("config.base.arch is empty: pretraining needs an architecture, e.g. "
+                         "--config.base.arch=cifar_resnet32")
+  if (config.base.checkpoint and not os.path.isfile(config.base.checkpoint)
+      and config.base.checkpoint not in registry.WEIGHTS):
+    raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint;"
+                         f" a file, or one of {', '.join(registry.WEIGHTS)})")
   for stage in stages:
     cfg = config[stage]
     if stage != "pretrain":
@@ -149,8 +154,9 @@ def policy_loss(config, stage: str) -> PolicyLoss:
                     **config.quirks.to_dict())
 
 
-def compiled_step(run: Run, stage: str, tx):
-  """The jitted step of ``stage`` with signature (state, images, labels, key, k)."""
+def compiled_step(run: Run, stage: str, tx, mesh):
+  """The step of ``stage``, (state, images, labels, key, k) -> (state, metrics), jitted over the
+  data-parallel ``mesh``."""
   nets = run.nets
   if stage == "pretrain":
     fn = lambda s, x, y, key, k: steps.pretrain_step(nets, tx, s, x, y, key)
@@ -160,7 +166,7 @@ def compiled_step(run: Run, stage: str, tx):
   else:
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key)
-  return jax.jit(fn, donate_argnums=0)
+  return parallel.sharded_step(fn, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +174,17 @@ def compiled_step(run: Run, stage: str, tx):
 
 
 def evaluate_stage(run: Run, stage: str, state: TrainState, k: Optional[int]) -> dict:
-  """Test metrics: plain accuracy for pretraining, the BlockDrop report otherwise."""
+  """Test metrics: plain accuracy for pretraining, the BlockDrop report otherwise.
+
+  Runs on one device of each process with host copies of the (replicated) weights."""
+  params, stats = jax.device_get((state.params, state.batch_stats))
   if stage == "pretrain":
     result = evaluation.evaluate_resnet(
-        run.nets.resnet, {"params": state.params["resnet"], "batch_stats": state.batch_stats["resnet"]},
+        run.nets.resnet, {"params": params["resnet"], "batch_stats": stats["resnet"]},
         run.test, run.config.eval_batch_size, progress=False)
     return {"test_accuracy": result["accuracy"]}
   forced = k if stage == "curriculum" and k < run.nets.resnet.num_blocks else None
-  report = evaluation.blockdrop_report(run.nets, state.params, state.batch_stats, run.test,
+  report = evaluation.blockdrop_report(run.nets, params, stats, run.test,
                                        run.config.eval_batch_size, k=forced, progress=False)
   return {f"test_{key}": value for key, value in report.items()
           if key in ("accuracy", "blocks_mean", "blocks_std", "flops_mean", "flops_std",
@@ -260,8 +269,15 @@ def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
-  """Runs (or resumes) every stage of ``config`` in ``workdir``; returns the final test metrics."""
+  """Runs (or resumes) every stage of ``config`` in ``workdir``; returns the final test metrics.
+
+  Data-parallel over every device of every process; each process loads its own rows of each
+  global batch, and only process 0 writes logs and shows progress."""
   validate(config)
+  parallel.initialize_distributed(config.distributed)
+  mesh = parallel.data_mesh()
+  chief = jax.process_index() == 0
+  progress = progress and chief
   os.makedirs(workdir, exist_ok=True)
   train_ds, test_ds = load_data(config)
   validate(config, len(train_ds), jax.device_count())
@@ -285,9 +301,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     sums_so_far, last_metrics = meta["epoch_sums"], meta["metrics"]
     steps_per_epoch = len(train_ds) // config[stages[stage_index]].batch_size
     template, tx = _fresh_state(run, stages[stage_index], params, stats, steps_per_epoch)
-    state, _ = ckpts.restore(latest, checkpoint.abstract(template))
+    state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
     params, stats = state.params, state.batch_stats
-  log = MetricsLog(workdir, global_step)
+  log = MetricsLog(workdir, global_step) if chief else None
 
   for stage_index in range(stage_index, len(stages)):
     stage = stages[stage_index]
@@ -295,7 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if state is None:
       state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch)
-    step_fn = compiled_step(run, stage, tx)
+    state = parallel.replicate(state, mesh)
+    step_fn = compiled_step(run, stage, tx, mesh)
     stage_key = jax.random.fold_in(base_key, stage_index)
     K = nets.resnet.num_blocks
     for epoch in range(epoch, cfg.epochs):
@@ -308,8 +325,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         key = jax.random.fold_in(stage_key, global_step)
-        state, metrics = step_fn(state, train_ds.images[idx], train_ds.labels[idx], key,
-                                 jnp.int32(k))
+        idx = idx[parallel.process_rows(len(idx))]
+        images, labels = parallel.global_batch(mesh, train_ds.images[idx], train_ds.labels[idx])
+        state, metrics = step_fn(state, images, labels, key, jnp.int32(k))
         metrics = jax.device_get(metrics)
         if not math.isfinite(float(metrics["loss"])):
           raise BlockDropError(
@@ -335,13 +353,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         # Only full-control (k = K) BlockDrop policies compete for "best".
         score = record["test_accuracy"] if k == K else None
       last_metrics = record
-      log.write(record)
+      if log:
+        log.write(record)
       ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch + 1, 0, global_step,
                                            record), score if stage != "pretrain" else None)
-      tqdm.write(_summary(record))
+      if chief:
+        tqdm.write(_summary(record))
     epoch = 0
     params, stats, state = state.params, state.batch_stats, None
-  log.close()
+  if log:
+    log.close()
   ckpts.close()
   return last_metrics
 

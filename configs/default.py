@@ -10,12 +10,14 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.distributed = False  # multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)
   # Stages run in order; each starts from the previous one's weights.
   c.stages = ("curriculum", "finetune")
   # Base ResNet: a PyTorch/safetensors file (architecture inferred from its keys), or, for the
   # pretrain stage, an architecture trained from scratch.
   c.base = ml_collections.ConfigDict(dict(
-      checkpoint="", arch="cifar_resnet32", shortcut="", num_classes=10,
+      # arch: inferred from a checkpoint's keys (set it to override); required for pretraining.
+      checkpoint="", arch="", shortcut="", num_classes=10,
       # Input normalisation of the base; empty: what the weights' source used (see convert.py).
       input_mean=(), input_std=()))
   c.init_from = ""  # an earlier run's workdir: start from its latest weights (base and policy)
@@ -54,9 +56,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
 
 def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   """A few steps on a few images: exercises every code path in seconds."""
-  c.data.train_limit, c.data.test_limit = 64, 64
-  c.pretrain.update(epochs=2, batch_size=16)
-  c.curriculum.update(epochs=3, batch_size=16)
-  c.finetune.update(epochs=2, batch_size=16, lr_decay_every=1)
+  c.data.train_limit, c.data.test_limit = 48, 48
+  c.pretrain.update(epochs=1, batch_size=16)
+  c.curriculum.update(epochs=2, batch_size=16)
+  c.finetune.update(epochs=1, batch_size=16, lr_decay_every=1)
   c.eval_every = 1
   c.eval_batch_size = 32

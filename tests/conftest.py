@@ -3,9 +3,12 @@
 import glob
 import os
 
-import pytest
+# Eight fake CPU devices for the data-parallel tests; must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir
+import pytest  # noqa: E402
+
+from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

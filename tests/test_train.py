@@ -17,6 +17,10 @@ from conftest import REPO
 SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
 
 
+# One CPU device: the multi-device runs are tests/test_parallel.py's.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
 def train_cmd(workdir, *overrides, config=SMOKE):
   return [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--workdir",
           str(workdir), "--no-progress", *overrides]
@@ -24,7 +28,7 @@ def train_cmd(workdir, *overrides, config=SMOKE):
 
 def run_train(workdir, *overrides, config=SMOKE):
   return subprocess.run(train_cmd(workdir, *overrides, config=config), cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600, env=ENV)
 
 
 def _one_line_error(proc, pattern):
@@ -53,9 +57,9 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
   for line in ("Accuracy: ", "Block Usage: ", "FLOPs/img: ", "Unique Policies: "):
     assert line in proc.stdout
   _, _, meta, records = _final(workdir)
-  assert [r["stage"] for r in records] == ["pretrain"] * 2 + ["curriculum"] * 3 + ["finetune"] * 2
-  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [1, 2, 3]
-  assert meta["stage"] == "finetune" and meta["epoch"] == 2
+  assert [r["stage"] for r in records] == ["pretrain", "curriculum", "curriculum", "finetune"]
+  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [1, 2]
+  assert meta["stage"] == "finetune" and meta["epoch"] == 1
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3
 
@@ -63,9 +67,10 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(train_cmd(workdir, "--config.checkpoint_every_steps=1"), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  # Kill once a mid-epoch checkpoint of the curriculum stage exists (steps 9..: pretrain has 8).
-  target = workdir / "checkpoints" / "10"
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+  # Kill once a mid-epoch checkpoint of the curriculum exists: 3 steps an epoch, pretraining takes
+  # steps 1-3, so step 5 is the second batch of the curriculum's first epoch.
+  target = workdir / "checkpoints" / "5"
   deadline = time.time() + 300
   while not target.exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.05)
@@ -104,7 +109,7 @@ def test_positive_penalty_is_refused(tmp_path, shared_data):
 
 def test_batch_larger_than_data(tmp_path, shared_data):
   _one_line_error(run_train(tmp_path, "--config.curriculum.batch_size=128"),
-                  "larger than the 64 training images")
+                  "larger than the 48 training images")
 
 
 def test_missing_base_checkpoint(tmp_path, shared_data):

@@ -1,0 +1,127 @@
+"""Data parallelism on 8 fake CPU devices (conftest sets XLA_FLAGS before JAX starts)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from blockdrop_jax import BlockDropError, parallel, steps
+from blockdrop_jax.models import resnet
+from conftest import REPO
+
+TOL = dict(rtol=2e-4, atol=2e-5)  # float32 sums in a different order across devices
+UPDATE_TOL = 2e-3  # of the largest update in each tensor: gradients summed in another order
+
+
+@pytest.fixture(scope="module")
+def setup():
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
+  base = resnet.make_spec("cifar_resnet8", shortcut="avgpool")
+  nets = steps.Nets(base, resnet.policy_spec(base))
+  b, p = resnet.init(base, jax.random.key(0)), resnet.init(nets.policy, jax.random.key(1))
+  params = {"resnet": b["params"], "policy": p["params"]}
+  stats = {"resnet": b["batch_stats"], "policy": p["batch_stats"]}
+  images = np.asarray(jax.random.randint(jax.random.key(2), (16, 32, 32, 3), 0, 256), np.uint8)
+  labels = np.arange(16) % 10
+  return nets, params, stats, images, labels
+
+
+def _step(kind, nets, tx):
+  if kind == "curriculum":
+    return lambda s, x, y, key, k: steps.curriculum_step(nets, steps.PolicyLoss(penalty=-5.0), tx, s,
+                                                         x, y, key, k)
+  return lambda s, x, y, key, k: steps.finetune_step(nets, steps.PolicyLoss(penalty=-5.0), tx, s, x,
+                                                     y, key)
+
+
+def _close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL), a, b)
+
+
+def _same_updates(new, reference, old):
+  """Parameter updates agree to UPDATE_TOL of each tensor's largest update."""
+  def check(n, r, o):
+    delta, ref = np.asarray(n) - np.asarray(o), np.asarray(r) - np.asarray(o)
+    assert np.abs(delta - ref).max() <= UPDATE_TOL * np.abs(ref).max() + 1e-7
+  jax.tree.map(check, new, reference, old)
+
+
+@pytest.mark.parametrize("kind", ["curriculum", "finetune"])
+def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
+  nets, params, stats, images, labels = setup
+  tx = optax.sgd(0.5)  # linear in the gradients, so parameters compare gradients (Adam's first
+  state = steps.create_state(params, stats, tx)  # step is sign(g): noise near g = 0 would flip)
+  key, k = jax.random.key(7), jnp.int32(2)
+
+  single, m_single = jax.jit(_step(kind, nets, tx))(state, images, labels, key, k)
+
+  mesh = parallel.data_mesh()
+  sharded_state = parallel.replicate(state, mesh)
+  x, y = parallel.global_batch(mesh, images, labels)
+  sharded, m_sharded = parallel.sharded_step(_step(kind, nets, tx), mesh, donate=False)(
+      sharded_state, x, y, key, k)
+  assert len(x.sharding.device_set) == 8
+
+  pmapped_step = parallel.pmap_step(_step(kind, parallel.with_axis(nets), tx))
+  stacked = parallel.stack_for_pmap(state, 8)
+  pm, m_pm = pmapped_step(stacked, parallel.split_for_pmap(images, 8),
+                          parallel.split_for_pmap(labels, 8), key, k)
+  pm = jax.tree.map(lambda a: a[0], pm)
+  m_pm = jax.tree.map(lambda a: a[0], m_pm)
+
+  for other, metrics in ((sharded, m_sharded), (pm, m_pm)):
+    _same_updates(other.params, single.params, params)
+    _close(other.batch_stats, single.batch_stats)
+    _close(metrics, m_single)
+  # The step really moved the parameters it trains.
+  assert not np.allclose(single.params["policy"]["fc"]["kernel"], params["policy"]["fc"]["kernel"])
+
+
+def test_uneven_global_batch_is_a_clear_error(setup):
+  with pytest.raises(BlockDropError, match="does not split over 8 devices"):
+    parallel.check_divisible(12, parallel.data_mesh())
+  with pytest.raises(BlockDropError, match="does not split over 8 devices"):
+    parallel.split_for_pmap(np.zeros((12, 3)), 8)
+
+
+def _train(workdir, devices, *overrides):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config",
+                         os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke",
+                         "--workdir", str(workdir), "--no-progress", *overrides],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_checkpoint_from_8_devices_resumes_on_1_and_4(tmp_path, shared_data):
+  overrides = ("--config.stages=pretrain,curriculum", "--config.checkpoint_every_steps=1",
+               "--config.keep_checkpoints=100")
+  first = _train(tmp_path / "run8", 8, *overrides)
+  assert first.returncode == 0, first.stderr
+  from blockdrop_jax import trainer
+  final8 = trainer.load_run(str(tmp_path / "run8"))
+  for devices in (1, 4):
+    workdir = tmp_path / f"resume{devices}"
+    shutil.copytree(tmp_path / "run8", workdir)
+    # Keep only the checkpoints up to step 5 (inside the curriculum's first epoch of 3 steps,
+    # after pretraining's 3): as if the run had stopped there.
+    for folder in ("checkpoints", "best"):
+      for step in os.listdir(workdir / folder):
+        if step.isdigit() and int(step) > 5:
+          shutil.rmtree(workdir / folder / step)
+    proc = _train(workdir, devices, *overrides)
+    assert proc.returncode == 0 and "Unique Policies" in proc.stdout, proc.stderr
+    final = trainer.load_run(str(workdir))
+    assert final[3]["global_step"] == final8[3]["global_step"]
+    _close(final[1], final8[1])
+
+
+def test_batch_that_does_not_split_over_devices_in_train(tmp_path, shared_data):
+  proc = _train(tmp_path, 8, "--config.pretrain.batch_size=12")
+  assert proc.returncode == 2 and "does not split over 8 devices" in proc.stderr, proc.stderr
