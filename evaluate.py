@@ -36,6 +36,10 @@ def parse_args(argv=None):
                  help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
   p.add_argument("--mode", choices=("grouped", "masked"), default="grouped",
                  help="workdir: how blocks run; grouped (default) runs each image's blocks only")
+  p.add_argument("--report", default=None, metavar="DIR",
+                 help="workdir: write figures and report.md (what the policy learned) into DIR")
+  p.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",
+                 help="with --report: more runs (e.g. other penalties) for the trade-off figure")
   p.add_argument("--batch-size", type=int, default=250)
   p.add_argument("--json", default=None, help="write the results and per-image outputs here")
   return p.parse_args(argv)
@@ -61,6 +65,11 @@ def main(argv=None) -> int:
           print(f"{name}: Accuracy: {report['accuracy']:.3f}  Blocks: {report['blocks_mean']:.2f}  "
                 f"FLOPs/img: {report['flops_mean']:.2E}")
       spec = nets.resnet
+      if args.report:
+        from blockdrop_jax import report
+        path = report.write_report([args.checkpoint, *args.compare], dataset, args.report,
+                                   args.batch_size)
+        print(f"Report: {path}")
     else:
       spec, variables = convert.load_pretrained(args.checkpoint, args.arch, args.shortcut)
       result = evaluation.evaluate_resnet(spec, variables, dataset, args.batch_size)

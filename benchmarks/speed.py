@@ -67,14 +67,19 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   """One row per mode: the full network first, then each mode under ``policies``."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
-  grouped = execution.GroupedExecutor(spec, max_batch=batch)
+  grouped = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
+  grouped_cond = execution.GroupedExecutor(spec, max_batch=batch)
+  blockwise = execution.BlockwiseRunner(spec)
   modes = {
       "full": lambda x, p: _full_jit(spec, variables, x),
       "masked": lambda x, p: execution.run("masked", spec, variables, x, p),
       "batch_skip": lambda x, p: execution.run("batch_skip", spec, variables, x, p),
   }
-  if batch > 1:
-    modes["grouped"] = lambda x, p: grouped(variables, x, p)
+  if batch == 1:
+    modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
+  else:
+    modes["grouped, batch_skip inside"] = lambda x, p: grouped_cond(variables, x, p)
+    modes["grouped, blockwise inside"] = lambda x, p: grouped(variables, x, p)
   rows, full_seconds = [], None
   for mode, fn in modes.items():
     first, seconds = timed(lambda: [fn(images[i:i + batch], policies[i:i + batch])
@@ -84,6 +89,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
                  "flops_speedup": 1.0 if mode == "full" else flops_speedup,
                  "measured_speedup": full_seconds / seconds})
   if batch > 1:
+    rows[-2]["compilations"] = grouped_cond.trace_count
     rows[-1]["compilations"] = grouped.trace_count
   return rows
 
@@ -100,12 +106,17 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   K = spec.num_blocks
   ks = sorted({max(1, round(K * (i + 1) / points)) for i in range(points)})
   rows = []
-  for shared in (False, True):
+  def compiled(shared):
     nets = steps.Nets(spec, policy_spec, shared_prefix=shared)
-    step = jax.jit(lambda s, k, nets=nets: steps.curriculum_step(
+    return jax.jit(lambda s, k: steps.curriculum_step(
         nets, steps.PolicyLoss(), tx, s, x, y, jax.random.key(0), k)[1]["loss"])
+
+  plain_step, shared_step = compiled(False), compiled(True)
+  for shared in (False, True):
+    # As the trainer does: the shared prefix while k < K, plain passes at k = K.
     firsts, per_k = [], []
     for k in ks:
+      step = shared_step if shared and k < K else plain_step
       first, seconds = timed(lambda: step(state, jnp.int32(k)), repeats)
       firsts.append(first)
       per_k.append(seconds)
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
+  p.add_argument("--only-curriculum", action="store_true", help="skip the inference table")
   args = p.parse_args(argv)
   shared = data.shared_data_dir()
   images, labels = data.read_cifar_records(
@@ -144,7 +156,8 @@ def main(argv=None) -> int:
   for name in args.nets:
     spec, variables = load_net(name, shared)
     policies = sample_policies(args.images, spec.num_blocks, args.keep, args.unique_policies)
-    for batch, n in ((1, args.batch_1_images), (args.images, args.images)):
+    for batch, n in () if args.only_curriculum else ((1, args.batch_1_images),
+                                                     (args.images, args.images)):
       for row in inference_rows(spec, variables, x_all[:n], policies[:n], batch, args.repeats):
         ratio = row["measured_speedup"] / row["flops_speedup"]
         extra = f" ({row['compilations']} compilations)" if "compilations" in row else ""

@@ -96,6 +96,7 @@ def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, polic
 def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:
   predictions = logits.argmax(-1)
   blocks = policies.sum(-1)
+  confidence = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1).max(-1))
   return {
       "accuracy": float(np.mean(predictions == dataset.labels)),
       "correct": int(np.sum(predictions == dataset.labels)),
@@ -104,6 +105,7 @@ def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:
       "flops_mean": float(np.mean(per_image_flops)), "flops_std": float(np.std(per_image_flops)),
       "unique_policies": int(len(np.unique(policies, axis=0))),
       "predictions": predictions.tolist(),
+      "confidence": confidence.round(5).tolist(),
       "policies": policies.astype(np.int8).tolist(),
   }
 

@@ -6,9 +6,11 @@
   scalar for the whole batch, so ``lax.cond`` really branches (a per-example ``cond`` under
   ``vmap`` becomes a ``select`` that runs both sides).
 - ``grouped``: images are grouped by policy vector and each group runs with ``batch_skip``, so
-  each group runs exactly its own blocks. Groups are padded to a few bucket sizes, so the number
-  of compilations is bounded by the number of buckets, not by the number of distinct policies.
-- batch 1 is ``batch_skip`` on a single image: it runs exactly that image's blocks.
+  each group runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the
+  number of compilations is bounded by the number of buckets, not by the number of policies.
+- ``blockwise``: the policy is read on the host and only the kept blocks are called, each a
+  small compiled function; used for batch 1 and inside ``grouped`` (the default there).
+- batch 1 with ``batch_skip`` or ``blockwise`` runs exactly that image's blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
-MODES = ("masked", "batch_skip", "grouped")
+MODES = ("masked", "batch_skip", "blockwise", "grouped")
 
 
 def _stem(spec, variables, x, train=False):
@@ -103,49 +105,100 @@ def group_by_policy(policies: np.ndarray) -> list[np.ndarray]:
   return [np.flatnonzero(inverse == g) for g in np.argsort(-counts, kind="stable")]
 
 
-def plan_batches(groups: Sequence[np.ndarray], buckets: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-  """Cuts each group into chunks of at most the largest bucket; each chunk gets the smallest
-  bucket that holds it. Returns (indices, padded size) pairs."""
-  largest = buckets[-1]
+def plan_batches(groups: Sequence[np.ndarray], buckets: Sequence[int]) -> list[np.ndarray]:
+  """Cuts each group into chunks whose sizes are bucket sizes, largest first (a group of 23 with
+  buckets 1, 4, 16 runs as 16 + 4 + 1 + 1 + 1): no padding, and only bucket-sized batches are
+  ever compiled. ``buckets`` must include 1."""
+  assert buckets[0] == 1, "the smallest bucket must be 1 so that every group splits exactly"
   plan = []
   for group in groups:
-    for start in range(0, len(group), largest):
-      chunk = group[start:start + largest]
-      plan.append((chunk, next(b for b in buckets if b >= len(chunk))))
+    start = 0
+    while start < len(group):
+      size = max(b for b in buckets if b <= len(group) - start)
+      plan.append(group[start:start + size])
+      start += size
   return plan
+
+
+class BlockwiseRunner:
+  """Runs one policy vector's blocks, chosen on the host: the stem, each kept block and each
+  needed shortcut is its own small compiled function (one per block and batch size), so dropped
+  blocks cost nothing and no ``cond`` sits between blocks. For batch 1 and for policy groups,
+  where the policy is known before the ResNet runs."""
+
+  def __init__(self, spec: ResNetSpec):
+    self.spec = spec
+    self.trace_count = 0
+    self._stem = jax.jit(self._counted(lambda v, x: _stem(spec, v, x)))
+    self._head = jax.jit(self._counted(lambda v, x: _head(spec, v, x)))
+    model = resnet.ResNet(spec)
+    self._kept = [jax.jit(self._counted(lambda v, x, t=t: _block(spec, v, t, x)[1]))
+                  for t in range(spec.num_blocks)]
+    self._shortcut = [jax.jit(self._counted(lambda v, x, t=t: model.apply(
+        v, x, method=lambda m, x: m.blocks[t].shortcut(x, False))))
+                      for t in range(spec.num_blocks)]
+    self._changes_shape = [
+        stride != 1 or in_ch != width * spec.expansion
+        for _, _, in_ch, width, stride in spec.block_layout()]
+
+  def _counted(self, fn):
+    def traced(*args):
+      self.trace_count += 1
+      return fn(*args)
+    return traced
+
+  @staticmethod
+  def _only(variables, name):
+    """The variables of one submodule: each compiled block takes only its own weights."""
+    return {col: {name: tree[name]} for col, tree in variables.items() if name in tree}
+
+  def __call__(self, variables, images, policy_row):
+    x = self._stem({c: {k: v for k, v in tree.items() if k.startswith("stem")}
+                    for c, tree in variables.items()}, images)
+    for t, keep in enumerate(np.asarray(policy_row) > 0.5):
+      block_vars = self._only(variables, f"block{t}")
+      if keep:
+        x = self._kept[t](block_vars, x)
+      elif self._changes_shape[t]:
+        x = self._shortcut[t](block_vars, x)
+    return self._head(self._only(variables, "fc"), x)
 
 
 class GroupedExecutor:
   """Policy-grouped batched inference with a bounded number of compilations.
 
   ``__call__(variables, images, policies)`` returns the logits of every image in input order,
-  equal to masked execution. ``trace_count`` counts how often the group function was traced.
+  equal to masked execution. Each group runs as one ``batch_skip`` function per bucket size (the
+  default), or as host-chosen blocks (``blockwise``: at most 2K + 2 small functions per bucket
+  size). ``trace_count`` counts compilations.
   """
 
-  def __init__(self, spec: ResNetSpec, max_batch: int = 256, smallest_bucket: int = 1,
-               growth: int = 4):
+  def __init__(self, spec: ResNetSpec, max_batch: int = 256, growth: int = 4,
+               blockwise: bool = False):
     self.spec = spec
-    self.buckets = bucket_sizes(max_batch, smallest_bucket, growth)
-    self.trace_count = 0
-    self._run = jax.jit(self._group_logits)
+    self.buckets = bucket_sizes(max_batch, 1, growth)
+    self._blockwise = BlockwiseRunner(spec) if blockwise else None
+    self._skip_traces = 0
+    self._skip = jax.jit(self._group_logits)
+
+  @property
+  def trace_count(self) -> int:
+    return self._blockwise.trace_count if self._blockwise else self._skip_traces
 
   def _group_logits(self, variables, images, policy_row):
-    self.trace_count += 1  # Python side effect: runs once per trace, not per call
+    self._skip_traces += 1  # Python side effect: runs once per trace, not per call
     policy = jnp.broadcast_to(policy_row, (images.shape[0], policy_row.shape[0]))
     return batch_skip_apply(self.spec, variables, images, policy)
 
   def __call__(self, variables, images: np.ndarray, policies: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     policies = np.asarray(policies, np.float32)
-    out: Optional[np.ndarray] = None
-    pending = []
-    for indices, size in plan_batches(group_by_policy(policies), self.buckets):
-      batch = images[indices]
-      if size > len(indices):
-        batch = np.concatenate([batch, np.repeat(batch[:1], size - len(indices), axis=0)])
-      pending.append((indices, self._run(variables, batch, policies[indices[0]])))
+    run = self._blockwise or self._skip
+    pending = [(indices, run(variables, images[indices], policies[indices[0]]))
+               for indices in plan_batches(group_by_policy(policies), self.buckets)]
+    out = None
     for indices, logits in pending:  # dispatch everything first, then wait
-      logits = np.asarray(logits)[:len(indices)]
+      logits = np.asarray(logits)
       if out is None:
         out = np.empty((len(images), logits.shape[-1]), logits.dtype)
       out[indices] = logits
@@ -170,4 +223,6 @@ def run(mode: str, spec: ResNetSpec, variables, images, policy):
     return _batch_skip_jit(spec, variables, images, policy)
   if mode == "grouped":
     return GroupedExecutor(spec, max_batch=len(images))(variables, images, policy)
+  if mode == "blockwise":
+    return GroupedExecutor(spec, max_batch=len(images), blockwise=True)(variables, images, policy)
   raise ValueError(f"unknown execution mode {mode!r}; choose one of {MODES}")

@@ -54,7 +54,8 @@ class Nets:
   policy: Optional[ResNetSpec] = None
   augment: bool = True
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
-  # Curriculum: run the forced-on prefix once for both passes (same results, less work).
+  # Curriculum: run the forced-on prefix once for both passes (same results, less work while
+  # k < K; at k = K two plain passes are faster, so the trainer switches it off there).
   shared_prefix: bool = True
 
 

@@ -163,6 +163,12 @@ def compiled_step(run: Run, stage: str, tx, mesh):
   elif stage == "curriculum":
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
+    if nets.shared_prefix:  # one compilation for k < K (shared prefix), one for k = K (plain)
+      plain = dataclasses.replace(nets, shared_prefix=False)
+      plain_fn = lambda s, x, y, key, k: steps.curriculum_step(plain, loss, tx, s, x, y, key, k)
+      shared_step, plain_step = (parallel.sharded_step(f, mesh) for f in (fn, plain_fn))
+      K = nets.resnet.num_blocks
+      return lambda s, x, y, key, k: (shared_step if int(k) < K else plain_step)(s, x, y, key, k)
   else:
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key)

@@ -45,24 +45,37 @@ def test_batch_one_runs_each_images_own_blocks(net):
   np.testing.assert_allclose(single, masked, atol=TOL)
 
 
-def test_grouped_equals_masked_with_bounded_compilations(net):
+@pytest.mark.parametrize("blockwise", [True, False])
+def test_grouped_equals_masked_with_bounded_compilations(net, blockwise):
   spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, max_batch=16)
+  executor = execution.GroupedExecutor(spec, max_batch=16, blockwise=blockwise)
   assert executor.buckets == (1, 4, 16)
   for seed, unique in enumerate((3, 7, None, 5)):
     policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
     np.testing.assert_allclose(executor(variables, images, policy),
                                execution.run("masked", spec, variables, images, policy), atol=TOL)
-  # Dozens of distinct policies, yet at most one trace per bucket size.
-  assert executor.trace_count <= len(executor.buckets)
+  # Dozens of distinct policies, yet compilations are bounded by the bucket sizes: one function
+  # per bucket (batch_skip inside), or at most stem + K blocks + K shortcuts + head per bucket.
+  per_bucket = 2 * spec.num_blocks + 2 if blockwise else 1
+  assert executor.trace_count <= per_bucket * len(executor.buckets)
+
+
+def test_blockwise_batch_one_equals_masked(net):
+  spec, variables, images = net
+  policy = _policies(6, spec.num_blocks, seed=4)
+  runner = execution.BlockwiseRunner(spec)
+  single = np.concatenate([runner(variables, images[i:i + 1], policy[i]) for i in range(6)])
+  np.testing.assert_allclose(single, execution.run("masked", spec, variables, images[:6], policy),
+                             atol=TOL)
 
 
 def test_grouping_and_bucketing():
   policies = np.array([[1, 0], [0, 1], [1, 0], [1, 0], [0, 1]], np.float32)
   groups = execution.group_by_policy(policies)
   assert [g.tolist() for g in groups] == [[0, 2, 3], [1, 4]]
-  plan = execution.plan_batches([np.arange(11)], (1, 2, 4, 8))
-  assert [(len(i), size) for i, size in plan] == [(8, 8), (3, 4)]
+  plan = execution.plan_batches([np.arange(11), np.arange(11, 14)], (1, 2, 4, 8))
+  assert [len(chunk) for chunk in plan] == [8, 2, 1, 2, 1]
+  assert np.concatenate(plan).tolist() == list(range(14))
   assert execution.bucket_sizes(256) == (1, 4, 16, 64, 256)
   assert execution.bucket_sizes(250, growth=2)[-2:] == (128, 250)
 

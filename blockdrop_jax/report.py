@@ -1,0 +1,193 @@
+"""What the policy learned, as figures and a Markdown report.
+
+``write_report`` evaluates one or more BlockDrop runs on a dataset and writes PNG figures plus
+``report.md`` linking them: the accuracy/FLOPs trade-off beside the full network, FirstK and
+RandomK; blocks used per image (overall and per class); each block's keep rate; images grouped by
+their most frequent policies; blocks used against confidence and correctness; training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from blockdrop_jax import evaluation, flops, trainer  # noqa: E402
+from blockdrop_jax.data import Dataset  # noqa: E402
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return name
+
+
+def tradeoff_figure(points: dict, baselines: dict, full_accuracy: float, full_flops: float,
+                    out_dir: str) -> str:
+  """(a) accuracy against FLOPs/img: each run, the full network, FirstK and RandomK curves."""
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for label, (fl, acc) in points.items():
+    ax.scatter(fl, 100 * acc, s=60, zorder=3, label=f"BlockDrop {label}")
+  for name, curve in baselines.items():
+    ks = sorted(curve)
+    ax.plot([curve[k][0] for k in ks], [100 * curve[k][1] for k in ks], "--o", ms=3, label=name)
+  ax.scatter([full_flops], [100 * full_accuracy], marker="*", s=160, c="k", zorder=4,
+             label="full ResNet")
+  ax.set(xlabel="FLOPs per image", ylabel="test accuracy (%)",
+         title="Accuracy against computation")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, "tradeoff.png")
+
+
+def blocks_histogram(blocks: np.ndarray, labels: np.ndarray, class_names, K: int, out_dir: str) -> str:
+  """(b) blocks used per image, overall and per class."""
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  bins = np.arange(K + 2) - 0.5
+  ax1.hist(blocks, bins=bins, color="tab:blue")
+  ax1.set(xlabel="blocks used", ylabel="images", title="Blocks used per image")
+  classes = np.unique(labels)
+  data = [blocks[labels == c] for c in classes]
+  ax2.boxplot(data, showmeans=True)
+  ax2.set_xticks(range(1, len(classes) + 1))
+  ax2.set_xticklabels([class_names[c] if c < len(class_names) else str(c) for c in classes],
+                      rotation=45, ha="right", fontsize=8)
+  ax2.set(ylabel="blocks used", title="Blocks used per class (mean: triangle)")
+  return _save(fig, out_dir, "blocks_histogram.png")
+
+
+def keep_rate_figure(policies: np.ndarray, out_dir: str) -> str:
+  """(c) how often each block runs."""
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  K = policies.shape[1]
+  ax.bar(np.arange(K), policies.mean(0), color="tab:green")
+  ax.set(xlabel="block", ylabel="fraction of images running it", title="Keep rate of each block",
+         ylim=(0, 1.05))
+  ax.set_xticks(np.arange(K))
+  ax.tick_params(axis="x", labelsize=7)
+  return _save(fig, out_dir, "keep_rate.png")
+
+
+def policy_gallery(images: np.ndarray, policies: np.ndarray, out_dir: str, groups: int = 4,
+                   per_group: int = 8) -> str:
+  """(d) test images grouped by their most frequent policy vectors."""
+  unique, inverse, counts = np.unique(policies > 0.5, axis=0, return_inverse=True,
+                                      return_counts=True)
+  inverse = inverse.reshape(-1)
+  order = np.argsort(-counts)[:groups]
+  fig, axes = plt.subplots(len(order), per_group, figsize=(per_group * 1.1, len(order) * 1.35),
+                           squeeze=False)
+  for row, g in enumerate(order):
+    members = np.flatnonzero(inverse == g)[:per_group]
+    bits = "".join("1" if b else "0" for b in unique[g])
+    for col in range(per_group):
+      ax = axes[row, col]
+      ax.axis("off")
+      if col < len(members):
+        ax.imshow(images[members[col]])
+    axes[row, 0].set_title(f"policy {bits} ({counts[g]} images)", fontsize=8, loc="left")
+  fig.suptitle("Images sharing the most frequent policies", fontsize=10)
+  return _save(fig, out_dir, "policy_gallery.png")
+
+
+def confidence_figure(blocks: np.ndarray, confidence: np.ndarray, correct: np.ndarray,
+                      out_dir: str) -> str:
+  """(e) blocks used against the prediction's confidence, correct and wrong apart."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  jitter = np.random.default_rng(0).uniform(-0.2, 0.2, len(blocks))
+  for mask, label, color in ((correct, "correct", "tab:blue"), (~correct, "wrong", "tab:red")):
+    ax.scatter(blocks[mask] + jitter[mask], confidence[mask], s=8, alpha=0.5, c=color,
+               label=f"{label} ({mask.sum()})")
+  ax.set(xlabel="blocks used", ylabel="confidence (max softmax)",
+         title="Blocks used against confidence")
+  ax.legend()
+  return _save(fig, out_dir, "confidence.png")
+
+
+def training_curves(workdir: str, out_dir: str) -> Optional[str]:
+  """(f) train reward and test accuracy/blocks per epoch from the run's metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+  x = np.arange(1, len(records) + 1)
+  for ax, key, title in ((axes[0], "train_reward", "train reward (sampled)"),
+                         (axes[1], "test_accuracy", "test accuracy"),
+                         (axes[2], "test_blocks_mean", "test blocks used")):
+    points = [(i, r[key]) for i, r in zip(x, records) if key in r]
+    if points:
+      ax.plot(*zip(*points), "-o", ms=3)
+    for stage_start in [i for i, (a, b) in enumerate(zip(records, records[1:]), 2)
+                        if a["stage"] != b["stage"]]:
+      ax.axvline(stage_start - 0.5, color="gray", ls=":")
+    ax.set(xlabel="epoch (all stages)", title=title)
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"Training curves of {os.path.basename(os.path.abspath(workdir))}", fontsize=10)
+  return _save(fig, out_dir, "training_curves.png")
+
+
+def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size: int = 250,
+                 class_names: Sequence[str] = CIFAR10_CLASSES, progress: bool = False) -> str:
+  """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path."""
+  os.makedirs(out_dir, exist_ok=True)
+  reports, main = {}, None
+  for run in runs:
+    nets, params, stats, meta = trainer.load_run(run)
+    report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress)
+    reports[os.path.basename(os.path.abspath(run))] = report
+    if main is None:
+      main = (run, nets, params, stats, report)
+  run, nets, params, stats, report = main
+  K = nets.resnet.num_blocks
+  n = len(dataset)
+  table = flops.flops_table(nets.resnet, dataset.images.shape[1])
+  ks = sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)})
+  curves: dict = {"FirstK": {}, "RandomK": {}}
+  for k in ks:
+    for name, policies in (("FirstK", evaluation.first_k_policies(n, K, k)),
+                           ("RandomK", evaluation.random_k_policies(n, K, k))):
+      r = evaluation.fixed_policy_report(nets, params, stats, dataset, policies, batch_size, progress)
+      curves[name][k] = (r["flops_mean"], r["accuracy"])
+  full = curves["FirstK"][K]
+  policies = np.asarray(report["policies"], np.float32)
+  blocks = policies.sum(1)
+  correct = np.asarray(report["predictions"]) == dataset.labels
+  figures = {
+      "Accuracy against FLOPs": tradeoff_figure(
+          {name: (r["flops_mean"], r["accuracy"]) for name, r in reports.items()}, curves, full[1],
+          table.full, out_dir),
+      "Blocks used per image": blocks_histogram(blocks, dataset.labels, class_names, K, out_dir),
+      "Keep rate of each block": keep_rate_figure(policies, out_dir),
+      "Images grouped by policy": policy_gallery(dataset.images, policies, out_dir),
+      "Blocks used against confidence": confidence_figure(
+          blocks, np.asarray(report["confidence"]), correct, out_dir),
+  }
+  curves_png = training_curves(run, out_dir)
+  if curves_png:
+    figures["Training curves"] = curves_png
+  lines = [f"# BlockDrop report: {', '.join(reports)}", "",
+           f"Data: {dataset.source} ({n} images). FirstK/RandomK and the full network use the "
+           f"weights of `{os.path.basename(os.path.abspath(run))}` with fixed policies.", "",
+           "| run | accuracy | blocks | FLOPs/img | unique policies |", "|---|---|---|---|---|"]
+  for name, r in reports.items():
+    lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['blocks_mean']:.2f} \u00b1 "
+                 f"{r['blocks_std']:.2f} | {r['flops_mean']:.3E} | {r['unique_policies']} |")
+  for title, png in figures.items():
+    lines += ["", f"## {title}", "", f"![{title}]({png})"]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
