@@ -9,6 +9,7 @@ Running the same command again resumes where the run stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from blockdrop_jax import cli
@@ -19,6 +20,8 @@ def parse_args(argv=None):
   p.add_argument("--config", required=True, help="configs/NAME.py, optionally :VARIANT (e.g. :smoke)")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--report", action="store_true",
+                 help="afterwards, write figures and report.md into WORKDIR/report")
   args, overrides = p.parse_known_args(argv)
   return args, overrides
 
@@ -30,6 +33,12 @@ def main(argv=None) -> int:
     config = config_lib.load(args.config, overrides)
     final = trainer.train(config, args.workdir, progress=not args.no_progress)
     print(trainer.final_summary(final, args.workdir))
+    if args.report:
+      from blockdrop_jax import report
+      _, test_ds = trainer.load_data(config)
+      path = report.write_report([args.workdir], test_ds, os.path.join(args.workdir, "report"),
+                                 config.eval_batch_size)
+      print(f"Figures and report: {path}")
   return 0
 
 

@@ -138,3 +138,23 @@ def test_nan_stops_without_saving_it(tmp_path, shared_data):
   if steps:  # whatever was saved before the blow-up is finite
     params = trainer.load_run(str(tmp_path))[1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
+  import matplotlib.image
+  workdir, _ = uninterrupted
+  out = tmp_path / "report"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
+                         str(workdir), "--data", test_records, "--report", str(out), "--compare",
+                         str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=ENV)
+  assert proc.returncode == 0, proc.stderr
+  report = (out / "report.md").read_text()
+  pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+  assert pngs == sorted(["tradeoff.png", "blocks_histogram.png", "keep_rate.png", "policy_gallery.png",
+                         "confidence.png", "training_curves.png"])
+  for name in pngs:
+    image = matplotlib.image.imread(out / name)
+    assert image.shape[0] > 200 and image.shape[1] > 300, name
+    assert image[..., :3].std() > 0.02, f"{name} is blank"
+    assert f"]({name})" in report
