@@ -9,17 +9,14 @@ the uninterrupted run would have made.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from tqdm import tqdm
 

@@ -1,15 +1,12 @@
-"""The original BlockDrop R110_C100 run: CIFAR-100, ResNet-110 (pretrained 72.3%), raw pixels.
-Base: ``cv/pretrained/R110_C100/pk_E_160_A_0.723.t7`` via ``--config.base.checkpoint``."""
+"""The original BlockDrop R110_C100 run: the R32_C100 set-up with a ResNet-110 base (pretrained
+72.3%) and finetuning penalty -10. Base: ``cv/pretrained/R110_C100/pk_E_160_A_0.723.t7`` via
+``--config.base.checkpoint``."""
 
-from configs import default
+from configs import default, r32_c100
 
 
 def get_config(variant: str = ""):
-  c = default.get_config()
-  c.base.update(checkpoint="cv/pretrained/R110_C100/pk_E_160_A_0.723.t7", arch="cifar_resnet110",
-                shortcut="avgpool", num_classes=100)
-  c.data.update(train="cifar100", test="cifar100", dataset="cifar100")
-  c.curriculum.update(epochs=5000, batch_size=2048, lr=1e-3, beta=0.1, penalty=-1.0)
-  c.finetune.update(epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, penalty=-10.0)
-  default.apply_variant(c, variant)
-  return c
+  c = r32_c100.get_config()
+  c.base.update(checkpoint="cv/pretrained/R110_C100/pk_E_160_A_0.723.t7", arch="cifar_resnet110")
+  c.finetune.penalty = -10.0
+  return default.apply_variant(c, variant)
