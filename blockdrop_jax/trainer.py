@@ -231,8 +231,8 @@ class MetricsLog:
 def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
           epoch_sums: Optional[dict] = None):
   """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics."""
-  return {"epoch_sums": epoch_sums or {}, "stage_index": stage_index, "stage": tuple(config.stages)[stage_index], "epoch": epoch,
-          "batch": batch, "global_step": step, "seed": config.seed,
+  return {"stage_index": stage_index, "stage": tuple(config.stages)[stage_index], "epoch": epoch,
+          "batch": batch, "global_step": step, "seed": config.seed, "epoch_sums": epoch_sums or {},
           "resnet_spec": nets.resnet.to_json(), "policy_spec": nets.policy.to_json(),
           "config": config.to_json(), "metrics": metrics}
 
