@@ -105,8 +105,9 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
   ``source`` is a path (a ``.bin`` record file, or a ``cifar-10-batches-bin``/``-py`` or
   ``cifar-100-binary``/``-python`` folder), a name (``cifar10``, ``cifar100``: the official binary
   archive from the offline data folder, the cache, or downloaded; see ``registry``), or
-  ``tfds:cifar10`` / ``tfds:cifar100`` (TFDS, with ``data_dir`` and ``download``). All give the
-  same arrays: uint8 NHWC images and int32 labels in the official record order. A single file is
+  ``tfds:cifar10`` / ``tfds:cifar100`` (TFDS, with ``data_dir`` and ``download``). All give uint8
+  NHWC images and int32 labels; files, folders and names keep the official record order, TFDS
+  keeps the order of its prepared dataset (the same images, shuffled by TFDS). A single file is
   one split already, so ``split`` is ignored for it.
   """
   if os.path.isfile(source):
