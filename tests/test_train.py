@@ -98,21 +98,30 @@ def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
   assert _final(workdir)[3] == before
 
 
-def test_unknown_config_key(tmp_path, shared_data):
-  _one_line_error(run_train(tmp_path, "--config.finetune.pneality=-5"),
-                  "unknown config key config.finetune.pneality")
+def _config_error(*overrides):
+  """The message train.py would print, checked in-process (the CLI path is tested below)."""
+  from blockdrop_jax import configs, trainer
+  from blockdrop_jax.errors import BlockDropError
+  with pytest.raises(BlockDropError) as err:
+    config = configs.load(SMOKE, list(overrides))
+    trainer.validate(config)
+    trainer.validate(config, n_train=config.data.train_limit, n_devices=1)
+  return str(err.value)
 
 
-def test_positive_penalty_is_refused(tmp_path, shared_data):
-  _one_line_error(run_train(tmp_path, "--config.finetune.penalty=5"), "must be negative")
+def test_unknown_config_key(shared_data):
+  assert "unknown config key config.finetune.pneality" in _config_error("--config.finetune.pneality=-5")
 
 
-def test_batch_larger_than_data(tmp_path, shared_data):
-  _one_line_error(run_train(tmp_path, "--config.curriculum.batch_size=128"),
-                  "larger than the 48 training images")
+def test_positive_penalty_is_refused(shared_data):
+  assert "must be negative" in _config_error("--config.finetune.penalty=5")
 
 
-def test_missing_base_checkpoint(tmp_path, shared_data):
+def test_batch_larger_than_data(shared_data):
+  assert "larger than the 48 training images" in _config_error("--config.curriculum.batch_size=128")
+
+
+def test_missing_base_checkpoint_from_the_command_line(tmp_path, shared_data):
   _one_line_error(run_train(tmp_path, "--config.base.checkpoint=/nope/resnet.th"),
                   "base checkpoint not found: /nope/resnet.th")
 
