@@ -60,9 +60,6 @@ def sample_policies(n: int, num_blocks: int, keep: float, unique: int, seed: int
   return pool[rng.integers(0, unique, n)]
 
 
-_full_jit = jax.jit(lambda spec, v, x: resnet.apply(spec, v, x), static_argnums=0)
-
-
 def inference_rows(spec, variables, images, policies, batch: int, repeats: int) -> list[dict]:
   """One row per mode: the full network first, then each mode under ``policies``."""
   table = flops.flops_table(spec)
@@ -71,7 +68,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   grouped_cond = execution.GroupedExecutor(spec, max_batch=batch)
   blockwise = execution.BlockwiseRunner(spec)
   modes = {
-      "full": lambda x, p: _full_jit(spec, variables, x),
+      "full": lambda x, p: execution.run("masked", spec, variables, x, None),
       "masked": lambda x, p: execution.run("masked", spec, variables, x, p),
       "batch_skip": lambda x, p: execution.run("batch_skip", spec, variables, x, p),
   }

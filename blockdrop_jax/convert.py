@@ -7,6 +7,7 @@ keys are all listed in one error).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Iterator, Optional
@@ -114,15 +115,10 @@ def _expected_shape(spec: ResNetSpec, path) -> Optional[tuple[int, ...]]:
     return None
 
 
-_SHAPE_CACHE: dict[str, dict] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _abstract_shapes(spec: ResNetSpec) -> dict:
-  key = spec.to_json()
-  if key not in _SHAPE_CACHE:
-    tree = jax.eval_shape(lambda: resnet.init(spec, jax.random.key(0)))
-    _SHAPE_CACHE[key] = jax.tree.map(lambda a: a.shape, tree)
-  return _SHAPE_CACHE[key]
+  tree = jax.eval_shape(lambda: resnet.init(spec, jax.random.key(0)))
+  return jax.tree.map(lambda a: a.shape, tree)
 
 
 def to_torch_state_dict(variables: dict, spec: ResNetSpec, layout: str = "blockdrop") -> dict:

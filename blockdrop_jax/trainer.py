@@ -35,7 +35,6 @@ class Run:
   """What a run needs besides its train state."""
 
   config: ml_collections.ConfigDict
-  workdir: str
   nets: Nets
   train: Dataset
   test: Dataset
@@ -286,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   validate(config, len(train_ds), jax.device_count())
   base_key = jax.random.key(config.seed)
   nets, params, stats = initial_variables(config, base_key)
-  run = Run(config, workdir, nets, train_ds, test_ds)
+  run = Run(config, nets, train_ds, test_ds)
   ckpts = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
   stages = tuple(config.stages)
 
