@@ -18,6 +18,7 @@ from blockdrop_jax import cli
 
 
 def parse_args(argv=None):
+  from blockdrop_jax.evaluation import EVAL_MODES
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
                  help="PyTorch .th/.pt state dict, our .safetensors export, or a training workdir")
@@ -34,8 +35,9 @@ def parse_args(argv=None):
   p.add_argument("--best", action="store_true", help="workdir: the best checkpoint, not the last")
   p.add_argument("--baselines", action="store_true",
                  help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
-  p.add_argument("--mode", choices=("grouped", "masked"), default="grouped",
-                 help="workdir: how blocks run; grouped (default) runs each image's blocks only")
+  p.add_argument("--mode", choices=EVAL_MODES, default=EVAL_MODES[0],
+                 help="workdir: how blocks run (same outputs): compact and grouped run only the "
+                      "blocks each image keeps, masked runs all of them (docs/results.md)")
   p.add_argument("--report", default=None, metavar="DIR",
                  help="workdir: write figures and report.md (what the policy learned) into DIR")
   p.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",

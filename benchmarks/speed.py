@@ -8,7 +8,8 @@ images), each image drawing one; or ``--policies-from WORKDIR`` to use a trained
 policies on the test subset. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values). Reported: images/s (median of ``--repeats`` timed runs after
 a warm-up), compile time, the FLOPs speedup and the measured speedup over the full network, and the
-curriculum step with and without the shared-prefix optimisation averaged over the schedule.
+curriculum step with the original's two masked passes and with compact passes, averaged over the
+schedule.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
       "full": lambda x, p: execution.run("masked", spec, variables, x, None),
       "masked": lambda x, p: execution.run("masked", spec, variables, x, p),
       "batch_skip": lambda x, p: execution.run("batch_skip", spec, variables, x, p),
+      "compact": lambda x, p: execution.run("compact", spec, variables, x, p),
   }
   if batch == 1:
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
@@ -91,10 +93,18 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   return rows
 
 
-def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, points: int) -> list:
-  """Curriculum step images/s, plain (two masked passes) vs shared prefix, over the schedule."""
+def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, points: int,
+                    keep: float) -> list:
+  """Curriculum step images/s over the schedule: the original's two masked passes against the
+  compact passes (forced prefix once, then each block on only the images that keep it).
+
+  The policy network is freshly initialised (as at the start of the curriculum) with its output
+  bias set to logit(keep): 0.5 is the initialisation itself (zero bias); lower values keep fewer
+  blocks, as a trained policy does. The table reports the fraction of blocks the passes run."""
   policy_spec = resnet.policy_spec(spec)
   pv = resnet.init(policy_spec, jax.random.key(1))
+  fc = pv["params"]["fc"]
+  pv["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], np.log(keep / (1 - keep)))}
   params = {"resnet": variables["params"], "policy": pv["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   tx = optax.adam(1e-3)
@@ -103,27 +113,26 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   K = spec.num_blocks
   ks = sorted({max(1, round(K * (i + 1) / points)) for i in range(points)})
   rows = []
-  def compiled(shared):
-    nets = steps.Nets(spec, policy_spec, shared_prefix=shared)
-    return jax.jit(lambda s, k: steps.curriculum_step(
-        nets, steps.PolicyLoss(), tx, s, x, y, jax.random.key(0), k)[1]["loss"])
-
-  plain_step, shared_step = compiled(False), compiled(True)
-  for shared in (False, True):
-    # As the trainer does: the shared prefix while k < K, plain passes at k = K.
-    firsts, per_k = [], []
+  for passes in ("masked", "compact"):
+    nets = steps.Nets(spec, policy_spec, curriculum_passes=passes)
+    step = jax.jit(lambda s, k: steps.curriculum_step(
+        nets, steps.PolicyLoss(), tx, s, x, y, jax.random.key(0), k)[1])
+    firsts, per_k, blocks = [], [], []
     for k in ks:
-      step = shared_step if shared and k < K else plain_step
       first, seconds = timed(lambda: step(state, jnp.int32(k)), repeats)
+      metrics = step(state, jnp.int32(k))
       firsts.append(first)
       per_k.append(seconds)
+      blocks.append(float(metrics["blocks_sampled"] + metrics["blocks_greedy"]) / (2 * K))
     # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
     # ramp, i.e. a schedule of 2K epochs (the configs here run about that long).
-    mean_seconds = (np.mean(per_k[:-1]) * (K - 1) + per_k[-1] * (K + 1)) / (2 * K) if len(ks) > 1 \
-        else per_k[0]
-    rows.append({"net": spec.name, "batch": batch, "shared_prefix": shared,
+    weights = np.array([(K - 1) / (len(ks) - 1)] * (len(ks) - 1) + [K + 1]) if len(ks) > 1 \
+        else np.ones(1)
+    mean_seconds = float(np.dot(weights, per_k) / weights.sum())
+    rows.append({"net": spec.name, "batch": batch, "passes": passes, "policy_keep": keep,
                  "images_per_s": batch / mean_seconds, "first_call_s": firsts[0],
-                 "per_k": dict(zip(ks, [batch / s for s in per_k]))})
+                 "per_k": dict(zip(ks, [batch / s for s in per_k])),
+                 "blocks_run": float(np.dot(weights, blocks) / weights.sum())})
   return rows
 
 
@@ -137,6 +146,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
+  p.add_argument("--curriculum-keep", type=float, nargs="+", default=[0.5, 0.35],
+                 help="policy output bias logit(keep), one table row pair each (0.5: as initialised)")
   p.add_argument("--only-curriculum", action="store_true", help="skip the inference table")
   args = p.parse_args(argv)
   shared = data.shared_data_dir()
@@ -161,18 +172,19 @@ def main(argv=None) -> int:
         print(f"| {name} | {batch} | {row['mode']}{extra} | {row['images_per_s']:.1f} | "
               f"{row['flops_speedup']:.2f} | {row['measured_speedup']:.2f} | {ratio:.2f} | "
               f"{row['first_call_s']:.1f} |", flush=True)
-    curriculum += curriculum_rows(spec, variables, images, labels, args.curriculum_batch,
-                                  max(2, args.repeats // 2), args.curriculum_points)
-  print("\n| net | curriculum step | images/s (schedule mean) | per k | first call s |")
-  print("|---|---|---|---|---|")
-  by_net = {}
-  for row in curriculum:
-    by_net.setdefault(row["net"], []).append(row)
-    per_k = ", ".join(f"k={k}: {v:.0f}" for k, v in row["per_k"].items())
-    print(f"| {row['net']} | {'shared prefix' if row['shared_prefix'] else 'plain masked'} | "
-          f"{row['images_per_s']:.1f} | {per_k} | {row['first_call_s']:.1f} |")
-  for net, (plain, shared_row) in by_net.items():
-    print(f"\n{net}: curriculum step speedup {shared_row['images_per_s'] / plain['images_per_s']:.2f}x")
+    for keep in args.curriculum_keep:
+      curriculum += curriculum_rows(spec, variables, images, labels, args.curriculum_batch,
+                                    max(2, args.repeats // 2), args.curriculum_points, keep)
+  print("\n| net | policy | curriculum passes | images/s (schedule mean) | per k | blocks run | "
+        "speedup | first call s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for masked, compact in zip(curriculum[::2], curriculum[1::2]):
+    policy = f"bias logit({masked['policy_keep']})"
+    for row in (masked, compact):
+      per_k = ", ".join(f"k={k}: {v:.0f}" for k, v in row["per_k"].items())
+      speedup = row["images_per_s"] / masked["images_per_s"]
+      print(f"| {row['net']} | {policy} | {row['passes']} | {row['images_per_s']:.1f} | {per_k} | "
+            f"{row['blocks_run']:.0%} | {speedup:.2f}x | {row['first_call_s']:.1f} |", flush=True)
   return 0
 
 

@@ -49,25 +49,28 @@ def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_
   }
 
 
-_greedy_eval = jax.jit(steps.greedy_eval, static_argnums=0)
+EVAL_MODES = ("compact", "grouped", "masked")  # the first is the default: fastest in benchmarks
+_greedy_eval = jax.jit(steps.greedy_eval, static_argnums=(0, 5))
 _resnet_eval = jax.jit(steps.resnet_eval, static_argnums=0)
 _greedy_policy = jax.jit(steps.greedy_policy, static_argnums=0)
 
 
 def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,
-                     k: Optional[int] = None, progress: bool = True, mode: str = "masked") -> dict:
+                     k: Optional[int] = None, progress: bool = True, mode: str = "compact") -> dict:
   """What the original ``test.py`` prints, plus per-image predictions, policies and images/s.
 
   FLOPs/img counts the policy network and only the blocks each image runs (DESIGN.md s.4).
-  ``mode`` "masked" runs policy and ResNet in one compiled function (used during training);
-  "grouped" runs the policy first, then each group of images sharing a policy with only its
-  blocks (``execution.GroupedExecutor``): the same outputs, in less time."""
+  ``mode`` (``EVAL_MODES``): "compact" and "masked" run policy and ResNet in one compiled
+  function, "compact" computing each block only for the images that keep it; "grouped" runs the
+  policy first, then each group of images sharing a policy with only its blocks
+  (``execution.GroupedExecutor``). The same outputs at different speeds (benchmarks/speed.py)."""
   batch_size = min(batch_size, len(dataset))
   start = time.perf_counter()
-  if mode == "masked":
+  if mode in ("compact", "masked"):
     forced = None if k is None else jnp.int32(k)
-    logits, policies = batched(lambda x: _greedy_eval(nets, params, stats, x, forced),
-                               (dataset.images,), batch_size, progress=progress)
+    logits, policies = batched(
+        lambda x: _greedy_eval(nets, params, stats, x, forced, mode == "compact"),
+        (dataset.images,), batch_size, progress=progress)
   elif mode == "grouped":
     policies = batched(lambda x: _greedy_policy(nets, params, stats, x, k), (dataset.images,),
                        batch_size, desc="policies", progress=progress)
@@ -75,7 +78,7 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
     logits = executor(variables, np.asarray(to_unit_float(dataset.images)), policies)
   else:
-    raise ValueError(f"unknown evaluation mode {mode!r}; use 'masked' or 'grouped'")
+    raise ValueError(f"unknown evaluation mode {mode!r}; use one of {EVAL_MODES}")
   seconds = time.perf_counter() - start
   image_size = dataset.images.shape[1]
   report = _report(logits, policies, dataset,

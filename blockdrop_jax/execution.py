@@ -5,6 +5,9 @@
 - ``batch_skip``: a block runs only if some image of the batch keeps it. The predicate is one
   scalar for the whole batch, so ``lax.cond`` really branches (a per-example ``cond`` under
   ``vmap`` becomes a ``select`` that runs both sides).
+- ``compact``: before each block the rows are reordered kept-first and the block runs on only as
+  many rows as keep it, in chunks (a loop whose trip count is a batch-level count). All
+  on device, one compilation; the curriculum step runs its greedy and sampled passes this way.
 - ``grouped``: images are grouped by policy vector and each group runs with ``batch_skip``, so
   each group runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the
   number of compilations is bounded by the number of buckets, not by the number of policies.
@@ -25,7 +28,10 @@ import numpy as np
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
-MODES = ("masked", "batch_skip", "blockwise", "grouped")
+MODES = ("masked", "batch_skip", "compact", "blockwise", "grouped")
+# Rows per chunk of ``compact`` execution: small enough to waste little on partly kept chunks,
+# large enough for efficient convolutions (8-16 were fastest of 8-64 on the 2-core CPU).
+COMPACT_CHUNK = 16
 
 
 def _stem(spec, variables, x, train=False):
@@ -34,6 +40,11 @@ def _stem(spec, variables, x, train=False):
 
 def _block(spec, variables, t, x):
   return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.run_block(t, x))
+
+
+def _shortcut(spec, variables, t, x):
+  """Block t's output when dropped."""
+  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.blocks[t].shortcut(x, False))
 
 
 def _head(spec, variables, x):
@@ -47,11 +58,7 @@ def gated_block(spec: ResNetSpec, variables, t: int, x, keep):
     dropped, kept = _block(spec, variables, t, x)
     return jnp.where(keep[:, None, None, None] > 0.5, kept, dropped)
 
-  def skip(x):
-    return resnet.ResNet(spec).apply(
-        variables, x, method=lambda m, x: m.blocks[t].shortcut(x, False))
-
-  return jax.lax.cond(jnp.any(keep > 0.5), run, skip, x)
+  return jax.lax.cond(jnp.any(keep > 0.5), run, lambda x: _shortcut(spec, variables, t, x), x)
 
 
 def batch_skip_apply(spec: ResNetSpec, variables, images, policy):
@@ -63,25 +70,68 @@ def batch_skip_apply(spec: ResNetSpec, variables, images, policy):
   return _head(spec, variables, x)
 
 
-def shared_prefix_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced):
-  """Logits under two policies that agree on their first ``num_forced`` blocks (all kept), as in
-  the curriculum's greedy and sampled passes: the stem and the forced prefix run once; after it
-  each pass skips the blocks that none of its images keeps (greedy policies often agree).
+def _compact_block(spec: ResNetSpec, variables, t: int, x, order, policies, chunk: int):
+  """Block t run on only the rows that keep it: rows are reordered kept-first and the block runs
+  on chunks of ``chunk`` rows until the kept ones are covered (a loop whose trip count is a
+  batch-level number, so the skipped chunks cost nothing; one compiled block body).
+
+  Row r of ``x`` is image ``order[r]`` of ``policies`` (n, K); returns the new (x, order). Rows
+  stay in their new order, so each block costs one gather. Inference mode only: BatchNorm in
+  training mode would see batch statistics of chunks."""
+  rows = x.shape[0]
+  chunk = min(chunk, rows)
+  keep = policies[order, t] > 0.5
+  kept_first = jnp.argsort(~keep, stable=True)
+  x, order, keep = x[kept_first], order[kept_first], keep[kept_first]
+
+  def run_chunk(i, out):
+    # The last chunk may be clamped to overlap the one before it: those rows get the same values.
+    start = jnp.minimum(i * chunk, rows - chunk)
+    dropped, kept = _block(spec, variables, t, jax.lax.dynamic_slice_in_dim(x, start, chunk))
+    rows_kept = jax.lax.dynamic_slice_in_dim(keep, start, chunk)[:, None, None, None]
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(rows_kept, kept, dropped), start, 0)
+
+  chunks = (jnp.sum(keep) + chunk - 1) // chunk
+  return jax.lax.fori_loop(0, chunks, run_chunk, _shortcut(spec, variables, t, x)), order
+
+
+def compact_apply(spec: ResNetSpec, variables, images, policy, chunk: int = COMPACT_CHUNK):
+  """Logits of [0, 1] images under a per-example ``policy``, each block computed only for the
+  images that keep it (rounded up to a multiple of ``chunk``). One compilation for any policy."""
+  resnet.check_policy(policy, images.shape[0], spec.num_blocks)
+  x, order = _stem(spec, variables, images), jnp.arange(images.shape[0])
+  for t in range(spec.num_blocks):
+    x, order = _compact_block(spec, variables, t, x, order, policy, chunk)
+  return _head(spec, variables, x)[jnp.argsort(order)]
+
+
+def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced,
+                    chunk: int = COMPACT_CHUNK):
+  """Logits under the curriculum's greedy and sampled policies, which keep the same first
+  ``num_forced`` blocks (all of them): the stem and that prefix run once, on the batch; then both
+  passes run as one batch of 2 x batch rows in which each block computes only the rows that keep
+  it (``_compact_block``). Equal to two masked passes.
 
   ``num_forced`` may be traced, so one compilation serves the whole curriculum."""
+  batch = images.shape[0]
+  resnet.check_policy(greedy, batch, spec.num_blocks)
+  resnet.check_policy(sampled, batch, spec.num_blocks)
+  policies = jnp.concatenate([greedy, sampled])
   x = _stem(spec, variables, images)
-  pair = (x, x)
+  carry = (jnp.concatenate([x, x]), jnp.arange(2 * batch))
   for t in range(spec.num_blocks):
-    def forced(pair, t=t):
-      kept = _block(spec, variables, t, pair[0])[1]
-      return kept, kept
+    def forced(carry, t=t):
+      # Rows are still in input order here: reordering starts at the first decided block.
+      kept = _block(spec, variables, t, carry[0][:batch])[1]
+      return jnp.concatenate([kept, kept]), carry[1]
 
-    def decided(pair, t=t):
-      return (gated_block(spec, variables, t, pair[0], greedy[:, t]),
-              gated_block(spec, variables, t, pair[1], sampled[:, t]))
+    def decided(carry, t=t):
+      return _compact_block(spec, variables, t, *carry, policies, chunk)
 
-    pair = jax.lax.cond(t < num_forced, forced, decided, pair)
-  return _head(spec, variables, pair[0]), _head(spec, variables, pair[1])
+    carry = jax.lax.cond(t < num_forced, forced, decided, carry)
+  x, order = carry
+  logits = _head(spec, variables, x)[jnp.argsort(order)]
+  return logits[:batch], logits[batch:]
 
 
 def masked_apply(spec: ResNetSpec, variables, images, policy):
@@ -131,11 +181,9 @@ class BlockwiseRunner:
     self.trace_count = 0
     self._stem = jax.jit(self._counted(lambda v, x: _stem(spec, v, x)))
     self._head = jax.jit(self._counted(lambda v, x: _head(spec, v, x)))
-    model = resnet.ResNet(spec)
     self._kept = [jax.jit(self._counted(lambda v, x, t=t: _block(spec, v, t, x)[1]))
                   for t in range(spec.num_blocks)]
-    self._shortcut = [jax.jit(self._counted(lambda v, x, t=t: model.apply(
-        v, x, method=lambda m, x: m.blocks[t].shortcut(x, False))))
+    self._shortcut = [jax.jit(self._counted(lambda v, x, t=t: _shortcut(spec, v, t, x)))
                       for t in range(spec.num_blocks)]
     self._changes_shape = [
         stride != 1 or in_ch != width * spec.expansion
@@ -211,6 +259,11 @@ def _batch_skip_jit(spec, variables, images, policy):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _compact_jit(spec, variables, images, policy):
+  return compact_apply(spec, variables, images, policy)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _masked_jit(spec, variables, images, policy):
   return masked_apply(spec, variables, images, policy)
 
@@ -221,6 +274,8 @@ def run(mode: str, spec: ResNetSpec, variables, images, policy):
     return _masked_jit(spec, variables, images, policy)
   if mode == "batch_skip":
     return _batch_skip_jit(spec, variables, images, policy)
+  if mode == "compact":
+    return _compact_jit(spec, variables, images, policy)
   if mode == "grouped":
     return GroupedExecutor(spec, max_batch=len(images))(variables, images, policy)
   if mode == "blockwise":

@@ -48,15 +48,19 @@ class PolicyLoss:
   finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
 
 
+CURRICULUM_PASSES = ("compact", "masked")
+
+
 @dataclasses.dataclass(frozen=True)
 class Nets:
   resnet: ResNetSpec
   policy: Optional[ResNetSpec] = None
   augment: bool = True
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
-  # Curriculum: run the forced-on prefix once for both passes (same results, less work while
-  # k < K; at k = K two plain passes are faster, so the trainer switches it off there).
-  shared_prefix: bool = True
+  # Curriculum passes: "compact" runs the forced-on prefix once for both passes and then each
+  # block only on the images that keep it (execution.curriculum_pair); "masked" runs two full
+  # masked passes as the original does. Same results.
+  curriculum_passes: str = "compact"
 
 
 def _forward(nets: Nets, spec: ResNetSpec, params, stats, images, policy=None, train=False):
@@ -138,8 +142,8 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
-  if nets.shared_prefix:
-    logits_greedy, logits_sampled = execution.shared_prefix_pair(
+  if nets.curriculum_passes == "compact":
+    logits_greedy, logits_sampled = execution.curriculum_pair(
         nets.resnet, {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
   else:
     logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
@@ -232,10 +236,14 @@ def greedy_policy(nets: Nets, params, stats, images, k=None):
   return policy
 
 
-def greedy_eval(nets: Nets, params, stats, images, k=None):
-  """Test-time BlockDrop, masked: (logits, policy) of uint8 images, both nets in inference mode."""
+def greedy_eval(nets: Nets, params, stats, images, k=None, compact: bool = False):
+  """Test-time BlockDrop: (logits, policy) of uint8 images, both nets in inference mode; with
+  ``compact`` each block runs only for the images that keep it (same logits, less time)."""
   policy = greedy_policy(nets, params, stats, images, k)
-  return resnet_eval(nets, params, stats, images, policy), policy
+  if not compact:
+    return resnet_eval(nets, params, stats, images, policy), policy
+  variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
+  return execution.compact_apply(nets.resnet, variables, to_unit_float(images), policy), policy
 
 
 def resnet_eval(nets: Nets, params, stats, images, policy=None):

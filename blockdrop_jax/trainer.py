@@ -20,12 +20,11 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry
+from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry, steps
 from blockdrop_jax.data import Dataset, epoch_order, load_dataset
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 from blockdrop_jax.steps import Nets, PolicyLoss, TrainState, create_state
-from blockdrop_jax import steps
 
 STAGES = ("pretrain", "curriculum", "finetune")
 
@@ -67,6 +66,9 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
         raise BlockDropError(
             f"config.{stage}.penalty = {cfg.penalty} must be negative: it is the reward of a wrong "
             f"prediction, below any correct one (did you mean {-abs(cfg.penalty) or -1}?)")
+      if stage == "curriculum" and cfg.passes not in steps.CURRICULUM_PASSES:
+        raise BlockDropError(f"config.curriculum.passes = {cfg.passes!r}; use one of "
+                             f"{steps.CURRICULUM_PASSES}")
       if not 0.5 < cfg.alpha <= 1.0:
         raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
     if cfg.epochs < 1 or cfg.lr <= 0:
@@ -101,9 +103,10 @@ def load_data(config) -> tuple[Dataset, Dataset]:
 def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   """Specs and (params, batch_stats) of the base ResNet and the policy network: from
   ``config.init_from`` (an earlier run's workdir), else a base file plus a fresh policy."""
+  options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
   if config.init_from:
     nets, params, stats, _ = load_run(config.init_from)
-    return dataclasses.replace(nets, augment=config.data.augment), params, stats
+    return dataclasses.replace(nets, **options), params, stats
   if config.base.checkpoint:
     spec, base = convert.load_pretrained(config.base.checkpoint, config.base.arch or None,
                                          config.base.shortcut or None)
@@ -115,7 +118,7 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
                                input_std=tuple(config.base.input_std or spec.input_std))
   policy_spec = resnet.policy_spec(spec, config.policy_arch or None)
   policy = resnet.init(policy_spec, jax.random.fold_in(key, 2))
-  nets = Nets(spec, policy_spec, augment=config.data.augment)
+  nets = Nets(spec, policy_spec, **options)
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
   return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
@@ -159,12 +162,6 @@ def compiled_step(run: Run, stage: str, tx, mesh):
   elif stage == "curriculum":
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
-    if nets.shared_prefix:  # one compilation for k < K (shared prefix), one for k = K (plain)
-      plain = dataclasses.replace(nets, shared_prefix=False)
-      plain_fn = lambda s, x, y, key, k: steps.curriculum_step(plain, loss, tx, s, x, y, key, k)
-      shared_step, plain_step = (parallel.sharded_step(f, mesh) for f in (fn, plain_fn))
-      K = nets.resnet.num_blocks
-      return lambda s, x, y, key, k: (shared_step if int(k) < K else plain_step)(s, x, y, key, k)
   else:
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key)
@@ -270,6 +267,27 @@ def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
   return create_state(params, stats, tx), tx
 
 
+# What a resumed run may change: how long stages run (to extend a finished run) and settings that
+# do not change results. Anything else would silently mix two experiments in one workdir.
+RESUMABLE_CHANGES = ("pretrain.epochs", "curriculum.epochs", "finetune.epochs", "curriculum.passes",
+                     "eval_every", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size")
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """Dotted keys whose values differ between a saved and the current config, beyond those a
+  resumed run may change."""
+  def flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else
+                 {f"{prefix}{key}": list(value) if isinstance(value, (list, tuple)) else value})
+    return out
+
+  saved, current = flat(saved), flat(current)
+  return sorted(key for key in saved.keys() | current.keys()
+                if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) every stage of ``config`` in ``workdir``; returns the final test metrics.
 
@@ -295,9 +313,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   latest = ckpts.latest_step()
   if latest is not None:
     meta = ckpts.restore_meta(latest)
-    if meta["config"] != config.to_json():
-      raise BlockDropError(f"{workdir} holds a run with a different config; resume it with the same "
-                           "config, or use a new --workdir")
+    changed = config_changes(json.loads(meta["config"]), config.to_dict())
+    if changed:
+      raise BlockDropError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+                           "resume it with the same config, or use a new --workdir")
     stage_index, epoch, batch, global_step = (meta["stage_index"], meta["epoch"], meta["batch"],
                                               meta["global_step"])
     sums_so_far, last_metrics = meta["epoch_sums"], meta["metrics"]

@@ -39,3 +39,23 @@ def test_overrides_keep_types_and_refuse_unknown_keys():
     configs.load(path, ["--config.finetune.pnalty=-10"])
   with pytest.raises(BlockDropError, match="unknown variant|unknown config variant"):
     configs.load(path + ":huge")
+
+
+def test_resume_may_extend_epochs_but_not_change_the_experiment():
+  import json
+  from blockdrop_jax import trainer
+  path = os.path.join(REPO, "configs", "akamaster_r32_subset.py")
+  saved = json.loads(configs.load(path).to_json())
+  del saved["curriculum"]["passes"]  # a run saved before the key existed
+  longer = configs.load(path, ["--config.curriculum.epochs=60", "--config.curriculum.passes=masked"])
+  assert trainer.config_changes(saved, longer.to_dict()) == []
+  other = configs.load(path, ["--config.finetune.penalty=-10", "--config.seed=3"])
+  assert trainer.config_changes(saved, other.to_dict()) == ["finetune.penalty", "seed"]
+
+
+def test_unknown_curriculum_passes_is_refused():
+  from blockdrop_jax import trainer
+  config = configs.load(os.path.join(REPO, "configs", "akamaster_r32_subset.py"),
+                        ["--config.curriculum.passes=fused"])
+  with pytest.raises(BlockDropError, match="config.curriculum.passes = 'fused'"):
+    trainer.validate(config)

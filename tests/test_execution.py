@@ -80,11 +80,21 @@ def test_grouping_and_bucketing():
   assert execution.bucket_sizes(250, growth=2)[-2:] == (128, 250)
 
 
-def test_shared_prefix_curriculum_pass_equals_two_masked_passes(net):
+def test_compact_equals_masked_with_one_compilation(net):
+  spec, variables, images = net
+  compact = jax.jit(execution.compact_apply, static_argnums=0)
+  for seed, keep in enumerate((0.0, 0.3, 0.7, 1.0)):  # every switch branch, none to all rows
+    policy = _policies(len(images), spec.num_blocks, seed=seed, keep=keep)
+    np.testing.assert_allclose(compact(spec, variables, images, policy),
+                               execution.run("masked", spec, variables, images, policy), atol=TOL)
+  assert compact._cache_size() == 1
+
+
+def test_curriculum_pair_equals_two_masked_passes(net):
   spec, variables, images = net
   K = spec.num_blocks
   greedy, sampled = _policies(16, K, seed=2), _policies(16, K, seed=3)
-  pair = jax.jit(execution.shared_prefix_pair, static_argnums=0)
+  pair = jax.jit(execution.curriculum_pair, static_argnums=0)
   for k in (1, 4, K):
     mask = np.arange(K) >= K - k
     g, s = np.where(mask, greedy, 1.0), np.where(mask, sampled, 1.0)
@@ -94,7 +104,7 @@ def test_shared_prefix_curriculum_pass_equals_two_masked_passes(net):
   assert pair._cache_size() == 1
 
 
-def test_curriculum_step_same_loss_and_gradients_with_shared_prefix(net):
+def test_curriculum_step_same_loss_and_gradients_with_compact_passes(net):
   spec, variables, images = net
   policy_spec = resnet.policy_spec(spec)
   pv = resnet.init(policy_spec, jax.random.key(0))
@@ -102,8 +112,8 @@ def test_curriculum_step_same_loss_and_gradients_with_shared_prefix(net):
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   labels = jnp.arange(16) % 10
   results = []
-  for shared in (False, True):
-    nets = steps.Nets(spec, policy_spec, augment=False, shared_prefix=shared)
+  for passes in steps.CURRICULUM_PASSES:
+    nets = steps.Nets(spec, policy_spec, augment=False, curriculum_passes=passes)
     fn = jax.value_and_grad(lambda p: steps.curriculum_loss(
         nets, steps.PolicyLoss(penalty=-5.0), p, stats, images[:16], labels, jax.random.key(1), 5),
         has_aux=True)
@@ -115,3 +125,22 @@ def test_curriculum_step_same_loss_and_gradients_with_shared_prefix(net):
     np.testing.assert_allclose(m_a[key], m_b[key], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_a["policy"],
                g_b["policy"])
+
+
+def test_every_evaluation_mode_gives_the_same_report(net, test_records):
+  from blockdrop_jax import evaluation
+  spec, variables, _ = net
+  policy_spec = resnet.policy_spec(spec)
+  pv = resnet.init(policy_spec, jax.random.key(3))
+  params = {"resnet": variables["params"], "policy": pv["params"]}
+  stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
+  images, labels = data.read_cifar_records(test_records)
+  dataset = data.Dataset(images[:40], labels[:40], 10, "test")
+  nets = steps.Nets(spec, policy_spec)
+  reports = [evaluation.blockdrop_report(nets, params, stats, dataset, 16, progress=False, mode=m)
+             for m in evaluation.EVAL_MODES]
+  assert 0 < reports[0]["blocks_mean"] < spec.num_blocks  # some blocks dropped, not all
+  for report in reports[1:]:
+    assert report["policies"] == reports[0]["policies"]
+    assert report["predictions"] == reports[0]["predictions"]
+    np.testing.assert_allclose(report["confidence"], reports[0]["confidence"], atol=1e-4)
