@@ -19,18 +19,20 @@ def run_evaluate(*args):
 
 
 @pytest.mark.parametrize("depth", sorted(EXPECTED_CORRECT))
-def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data, test_records, depth):
+def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data, test_records, depth,
+                                                         capsys):
   torch = pytest.importorskip("torch")
+  import evaluate
   import torch_reference as ref
   from blockdrop_jax import convert, data
 
   out = tmp_path / "out.json"
-  proc = run_evaluate("--checkpoint", akamaster_file(shared_data, depth), "--data", test_records,
-                      "--json", str(out))
-  assert proc.returncode == 0, proc.stderr
+  # In-process (the same main() the command runs; the error tests below run the command itself).
+  assert evaluate.main(["--checkpoint", akamaster_file(shared_data, depth), "--data", test_records,
+                        "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   assert result["correct"] == EXPECTED_CORRECT[depth] and result["n"] == 1000
-  assert f"({EXPECTED_CORRECT[depth]}/1000)" in proc.stdout
+  assert f"({EXPECTED_CORRECT[depth]}/1000)" in capsys.readouterr().out
 
   model = ref.AkamasterResNet((depth - 2) // 6)
   state = convert.load_torch_file(akamaster_file(shared_data, depth))

@@ -98,34 +98,6 @@ def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
   assert _final(workdir)[3] == before
 
 
-def _config_error(*overrides):
-  """The message train.py would print, checked in-process (the CLI path is tested below)."""
-  from blockdrop_jax import configs, trainer
-  from blockdrop_jax.errors import BlockDropError
-  with pytest.raises(BlockDropError) as err:
-    config = configs.load(SMOKE, list(overrides))
-    trainer.validate(config)
-    trainer.validate(config, n_train=config.data.train_limit, n_devices=1)
-  return str(err.value)
-
-
-def test_unknown_config_key(shared_data):
-  assert "unknown config key config.finetune.pneality" in _config_error("--config.finetune.pneality=-5")
-
-
-def test_positive_penalty_is_refused(shared_data):
-  assert "must be negative" in _config_error("--config.finetune.penalty=5")
-
-
-def test_batch_larger_than_data(shared_data):
-  assert "larger than the 48 training images" in _config_error("--config.curriculum.batch_size=128")
-
-
-def test_missing_base_checkpoint_from_the_command_line(tmp_path, shared_data):
-  _one_line_error(run_train(tmp_path, "--config.base.checkpoint=/nope/resnet.th"),
-                  "base checkpoint not found: /nope/resnet.th")
-
-
 def test_corrupted_checkpoint_is_reported_and_kept(uninterrupted, tmp_path):
   workdir = tmp_path / "corrupt"
   shutil.copytree(uninterrupted[0], workdir)
@@ -137,16 +109,6 @@ def test_corrupted_checkpoint_is_reported_and_kept(uninterrupted, tmp_path):
   before = sorted(os.listdir(workdir / "checkpoints"))
   _one_line_error(run_train(workdir, "--config.checkpoint_every_steps=1"), "cannot be read")
   assert sorted(os.listdir(workdir / "checkpoints")) == before
-
-
-def test_nan_stops_without_saving_it(tmp_path, shared_data):
-  proc = run_train(tmp_path, "--config.stages=pretrain", "--config.pretrain.lr=1e30")
-  _one_line_error(proc, "NaN")
-  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-  from blockdrop_jax import trainer
-  if steps:  # whatever was saved before the blow-up is finite
-    params = trainer.load_run(str(tmp_path))[1]
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
 def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
