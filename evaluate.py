@@ -23,7 +23,8 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint", required=True,
                  help="PyTorch .th/.pt state dict, our .safetensors export, or a training workdir")
   p.add_argument("--data", required=True,
-                 help="record file (.bin), CIFAR folder, or TFDS name (cifar10, cifar100)")
+                 help="record file (.bin), CIFAR folder, image folder (<split>/<class>/*.JPEG), "
+                      "or a name (cifar10, cifar100, tfds:cifar10)")
   p.add_argument("--split", default="test", help="split for folders and TFDS (train/test)")
   p.add_argument("--dataset", choices=("cifar10", "cifar100"), default=None,
                  help="record format of a single file (default cifar10)")

@@ -39,6 +39,84 @@ class Dataset:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def head(self, n: int) -> "Dataset":
+    """The first ``n`` examples (without decoding anything for streamed images)."""
+    n = min(n, len(self))
+    images = self.images.take(range(n)) if isinstance(self.images, LazyImages) else self.images[:n]
+    return dataclasses.replace(self, images=images, labels=self.labels[:n])
+
+
+class LazyImages:
+  """Image files decoded on demand, behind the indexing of a uint8 (N, crop, crop, 3) array:
+  ``images[indices]`` decodes just those files (in threads), so ImageNet-sized data streams
+  through the same trainer and evaluation code as in-memory CIFAR.
+
+  Each image: shorter side resized to ``resize``, then the centre ``crop`` x ``crop``."""
+
+  dtype = np.dtype(np.uint8)
+  ndim = 4
+
+  def __init__(self, paths, resize: int, crop: int, threads: int = 8):
+    self.paths, self.resize, self.crop, self.threads = list(paths), resize, crop, threads
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (len(self.paths), self.crop, self.crop, 3)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def take(self, indices) -> "LazyImages":
+    return LazyImages([self.paths[i] for i in indices], self.resize, self.crop, self.threads)
+
+  def _decode(self, path: str) -> np.ndarray:
+    from PIL import Image
+    try:
+      with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    except OSError as e:
+      raise BlockDropError(f"cannot decode image {path} ({e}); remove or replace the file") from e
+    return preprocess_imagenet(pixels, None, self.resize, self.crop)
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, (int, np.integer)):
+      return self._decode(self.paths[index])
+    indices = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).reshape(-1)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(self.threads) as pool:
+      decoded = list(pool.map(self._decode, [self.paths[i] for i in indices]))
+    return np.stack(decoded) if decoded else np.zeros((0, *self.shape[1:]), np.uint8)
+
+  def __array__(self, dtype=None, copy=None):
+    return self[:].astype(dtype or np.uint8)
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# ImageNet: training images are kept at 256 x 256 so the step can take random 224 crops; test
+# images are the usual centre 224 crop of the image resized to 256.
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
+
+
+def load_image_folder(root: str, split: str) -> Dataset:
+  """An ImageNet-style folder: ``root/<split>/<class>/<image>`` (or ``root/<class>/<image>``),
+  classes numbered in sorted folder order (torchvision's ImageFolder order, so torchvision
+  weights' labels match). Images stream from disk (``LazyImages``)."""
+  folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+  classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    files = sorted(f for f in os.listdir(os.path.join(folder, name))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    paths += [os.path.join(folder, name, f) for f in files]
+    labels += [label] * len(files)
+  if not paths:
+    raise BlockDropError(
+        f"{folder} holds no images in class subfolders; an image folder is <split>/<class>/*.JPEG "
+        "(e.g. ImageNet's train/n01440764/...)")
+  crop = IMAGENET_RESIZE if split == "train" else IMAGENET_CROP
+  return Dataset(LazyImages(paths, IMAGENET_RESIZE, crop), np.asarray(labels, np.int32),
+                 len(classes), folder)
+
 
 # dataset -> (label bytes per record, index of the label used, classes)
 _RECORDS = {"cifar10": (1, 0, 10), "cifar100": (2, 1, 100)}
@@ -100,10 +178,11 @@ _FOLDERS = [
 
 def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-  """CIFAR-10/100 from a record file, an official archive folder, by name, or through TFDS.
+  """CIFAR-10/100 from a record file, an official archive folder, by name, or through TFDS;
+  ImageNet-style image folders (``load_image_folder``), streamed from disk.
 
-  ``source`` is a path (a ``.bin`` record file, or a ``cifar-10-batches-bin``/``-py`` or
-  ``cifar-100-binary``/``-python`` folder), a name (``cifar10``, ``cifar100``: the official binary
+  ``source`` is a path (a ``.bin`` record file, a ``cifar-10-batches-bin``/``-py`` or
+  ``cifar-100-binary``/``-python`` folder, or an image folder), a name (``cifar10``, ``cifar100``: the official binary
   archive from the offline data folder, the cache, or downloaded; see ``registry``), or
   ``tfds:cifar10`` / ``tfds:cifar100`` (TFDS, with ``data_dir`` and ``download``). All give uint8
   NHWC images and int32 labels; files, folders and names keep the official record order, TFDS
@@ -123,15 +202,15 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
         parts = [reader(os.path.join(source, name), kind) for name in files[split]]
         return Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                        _RECORDS[kind][2], source)
-    raise BlockDropError(f"{source} is not a CIFAR folder (no data_batch_1[.bin] or train[.bin])")
+    return load_image_folder(source, split)
   if source in _RECORDS:
     from blockdrop_jax import registry
     return load_dataset(registry.resolve_dataset(source), split)
   if source.removeprefix("tfds:") in _RECORDS and source.startswith("tfds:"):
     return _load_tfds(source.removeprefix("tfds:"), split, data_dir, download)
   raise BlockDropError(
-      f"data not found: {source!r} is neither a file, a folder, nor a dataset name (cifar10, "
-      "cifar100, tfds:cifar10, tfds:cifar100)")
+      f"data not found: {source!r} is neither a file, a folder (CIFAR or <split>/<class>/images), "
+      "nor a dataset name (cifar10, cifar100, tfds:cifar10, tfds:cifar100)")
 
 
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Dataset:
@@ -155,21 +234,32 @@ def to_unit_float(images) -> jax.Array:
 
 def augment_cifar(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
   """Random crop with ``pad`` zero pixels on each side, then random horizontal flip (per image)."""
-  return apply_crop_flip(images, *crop_flip_draws(key, images.shape[0], pad), pad=pad)
+  return apply_crop_flip(images, *crop_flip_draws(key, images.shape[0], 2 * pad), pad=pad)
 
 
-def crop_flip_draws(key: jax.Array, n: int, pad: int = 4) -> tuple[jax.Array, jax.Array]:
-  """The random part of ``augment_cifar``: crop offsets (n, 2) and flips (n,)."""
+def crop_flip_draws(key: jax.Array, n: int, max_offset: int = 8) -> tuple[jax.Array, jax.Array]:
+  """The random part of a crop-and-flip augmentation: offsets in [0, max_offset] (n, 2), flips (n,)."""
   crop_key, flip_key = jax.random.split(key)
-  return (jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1),
+  return (jax.random.randint(crop_key, (n, 2), 0, max_offset + 1),
           jax.random.bernoulli(flip_key, 0.5, (n,)))
 
 
-def apply_crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int = 4):
+def apply_crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int = 4,
+                    size: Optional[int] = None):
+  """``size`` x ``size`` crops (default: the image size) at ``offsets`` of the zero-padded images,
+  flipped where ``flips``: CIFAR pads 4 and crops 32, ImageNet crops 224 of 256 unpadded."""
   _, h, w, c = images.shape
+  size = size or h
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+  crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (size, size, c)))(
+      padded, offsets)
   return jnp.where(flips[:, None, None, None], crops[:, :, ::-1, :], crops)
+
+
+def center_crop(images: jax.Array, size: int) -> jax.Array:
+  """The centre ``size`` x ``size`` of NHWC images (unchanged if they are that size)."""
+  top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+  return images[:, top:top + size, left:left + size]
 
 
 def preprocess_imagenet(image: np.ndarray, rng: Optional[np.random.Generator] = None,

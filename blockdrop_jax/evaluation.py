@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blockdrop_jax import execution, flops, steps
-from blockdrop_jax.data import Dataset, to_unit_float
+from blockdrop_jax.data import Dataset, center_crop, to_unit_float
 from blockdrop_jax.models import resnet
 
 
@@ -31,8 +31,8 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
   return jax.tree.map(lambda *rs: np.concatenate(rs), *outputs)
 
 
-_logits = jax.jit(lambda spec, variables, images: resnet.apply(spec, variables, to_unit_float(images)),
-                  static_argnums=0)
+_logits = jax.jit(lambda spec, variables, images: resnet.apply(
+    spec, variables, center_crop(to_unit_float(images), spec.image_size)), static_argnums=0)
 
 
 def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_size: int = 250,
@@ -76,13 +76,13 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
                        batch_size, desc="policies", progress=progress)
     executor = execution.GroupedExecutor(nets.resnet, max_batch=batch_size)
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-    logits = executor(variables, np.asarray(to_unit_float(dataset.images)), policies)
+    images = center_crop(to_unit_float(np.asarray(dataset.images)), nets.resnet.image_size)
+    logits = executor(variables, np.asarray(images), policies)
   else:
     raise ValueError(f"unknown evaluation mode {mode!r}; use one of {EVAL_MODES}")
   seconds = time.perf_counter() - start
-  image_size = dataset.images.shape[1]
   report = _report(logits, policies, dataset,
-                   flops.policy_flops(nets.resnet, nets.policy, policies, image_size))
+                   flops.policy_flops(nets.resnet, nets.policy, policies))
   report.update(mode=mode, images_per_s=len(dataset) / seconds)
   return report
 
@@ -93,7 +93,7 @@ def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, polic
   logits = batched(lambda x, p: _resnet_eval(nets, params, stats, x, p), (dataset.images, policies),
                    min(batch_size, len(dataset)), progress=progress)
   return _report(logits, policies, dataset,
-                 flops.flops_table(nets.resnet, dataset.images.shape[1]).under(policies))
+                 flops.flops_table(nets.resnet).under(policies))
 
 
 def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:

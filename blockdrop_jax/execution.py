@@ -44,7 +44,7 @@ def _block(spec, variables, t, x):
 
 def _shortcut(spec, variables, t, x):
   """Block t's output when dropped."""
-  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.blocks[t].shortcut(x, False))
+  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.blocks[t](x, False, True))
 
 
 def _head(spec, variables, x):

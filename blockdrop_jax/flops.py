@@ -40,7 +40,7 @@ def _conv(cin: int, cout: int, kernel: int, size_out: int) -> int:
 
 def flops_table(spec: ResNetSpec, image_size: Optional[int] = None) -> FlopsTable:
   """Fixed and per-block FLOPs of ``spec`` on square images of ``image_size`` pixels."""
-  size = (image_size or (32 if spec.stem == "cifar" else 224)) // spec.input_pool
+  size = (image_size or spec.image_size) // spec.input_pool
   if spec.stem == "cifar":
     size = _out(size, 3, 1)
     fixed = _conv(3, spec.stem_width, 3, size)

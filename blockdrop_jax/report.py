@@ -153,7 +153,7 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   run, nets, params, stats, report = main
   K = nets.resnet.num_blocks
   n = len(dataset)
-  table = flops.flops_table(nets.resnet, dataset.images.shape[1])
+  table = flops.flops_table(nets.resnet)
   ks = sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)})
   curves: dict = {"FirstK": {}, "RandomK": {}}
   for k in ks:

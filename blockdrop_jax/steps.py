@@ -16,7 +16,7 @@ import optax
 from flax import struct
 
 from blockdrop_jax import curriculum, execution, rewards
-from blockdrop_jax.data import apply_crop_flip, crop_flip_draws, to_unit_float
+from blockdrop_jax.data import apply_crop_flip, center_crop, crop_flip_draws, to_unit_float
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
@@ -92,10 +92,20 @@ def _this_devices_draws(nets: Nets, draw, key, rows: int):
 
 
 def _inputs(nets: Nets, key, images):
+  """Training inputs: random crop and flip. CIFAR images are padded by 4 and cropped back to 32;
+  larger images (ImageNet, stored at 256) give random crops of the network's input size."""
   x = to_unit_float(images)
+  size = nets.resnet.image_size
   if not nets.augment:
-    return x
-  return apply_crop_flip(x, *_this_devices_draws(nets, crop_flip_draws, key, x.shape[0]))
+    return center_crop(x, size)
+  pad = 4 if x.shape[1] == size else 0
+  max_offset = x.shape[1] + 2 * pad - size
+  draws = _this_devices_draws(nets, lambda k, n: crop_flip_draws(k, n, max_offset), key, x.shape[0])
+  return apply_crop_flip(x, *draws, pad=pad, size=size)
+
+
+def _test_inputs(nets: Nets, images):
+  return center_crop(to_unit_float(images), nets.resnet.image_size)
 
 
 def _apply_updates(state: TrainState, tx, grads, batch_stats) -> TrainState:
@@ -229,7 +239,7 @@ def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, l
 def greedy_policy(nets: Nets, params, stats, images, k=None):
   """The test-time policy: p >= 0.5 from the policy net (inference mode). With ``k`` (during
   the curriculum) the blocks outside the policy's control are forced on, as in training."""
-  logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], to_unit_float(images))
+  logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], _test_inputs(nets, images))
   policy = (logits >= 0).astype(jnp.float32)
   if k is not None:
     policy = curriculum.force_prefix(policy, curriculum.controlled_mask(k, nets.resnet.num_blocks))
@@ -243,10 +253,10 @@ def greedy_eval(nets: Nets, params, stats, images, k=None, compact: bool = False
   if not compact:
     return resnet_eval(nets, params, stats, images, policy), policy
   variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-  return execution.compact_apply(nets.resnet, variables, to_unit_float(images), policy), policy
+  return execution.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy), policy
 
 
 def resnet_eval(nets: Nets, params, stats, images, policy=None):
   """Logits of the ResNet alone (inference mode) under an optional fixed policy."""
-  return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], to_unit_float(images),
+  return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], _test_inputs(nets, images),
                   policy)[0]

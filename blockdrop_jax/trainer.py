@@ -84,16 +84,14 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
 def _limit(dataset: Dataset, limit: int) -> Dataset:
   if not limit:
     return dataset
-  return dataclasses.replace(dataset, images=dataset.images[:limit], labels=dataset.labels[:limit])
+  return dataset.head(limit)
 
 
 def load_data(config) -> tuple[Dataset, Dataset]:
   d = config.data
-  if d.dataset == "imagenet2012":
-    raise BlockDropError(
-        "training on imagenet2012 needs a streaming input pipeline, which this trainer does not "
-        "have yet (it holds CIFAR-sized data in memory); blockdrop_jax.data.imagenet_source and "
-        "preprocess_imagenet read and transform it for your own loop")
+  if not d.train or not d.test:
+    raise BlockDropError("config.data.train / config.data.test is empty: give a CIFAR file, folder "
+                         "or name, or an image folder such as ImageNet's (<split>/<class>/*.JPEG)")
   kwargs = dict(dataset=d.dataset, data_dir=d.data_dir or None, download=d.download)
   train = _limit(load_dataset(d.train, d.train_split, **kwargs), d.train_limit)
   test = _limit(load_dataset(d.test, d.test_split, **kwargs), d.test_limit)

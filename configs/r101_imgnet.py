@@ -2,8 +2,10 @@
 policy ResNet-10 at 112 px, finetuning with penalty -5 and batch 320 (its README: 76.4% at 24.8
 blocks of 33).
 
-Training streams ImageNet through TFDS ``imagenet2012`` (``--config.data.data_dir``); the
-in-memory trainer of this release refuses it with a clear message (see the README's status).
+ImageNet streams from an image folder (``--config.data.train=/data/imagenet``, holding
+``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``, torchvision's layout): training images are
+resized to 256 and randomly cropped to 224 and flipped inside the step, test images are the centre
+224 crop.
 """
 
 from configs import default
@@ -17,8 +19,7 @@ def get_config(variant: str = ""):
   c.base.update(checkpoint="resnet101-5d3b4d8f.pth", arch="imagenet_resnet101",
                 shortcut="projection", num_classes=1000, input_mean=IMAGENET_MEAN,
                 input_std=IMAGENET_STD)
-  c.data.update(train="imagenet2012", test="imagenet2012", test_split="validation",
-                dataset="imagenet2012")
+  c.data.update(train="", test="", train_split="train", test_split="val")  # the folder: required
   c.curriculum.update(epochs=45, batch_size=2048, lr=1e-3, beta=0.1, penalty=-1.0)
   c.finetune.update(epochs=10, batch_size=320, lr=1e-4, lr_decay_every=5, penalty=-5.0)
   default.apply_variant(c, variant)

@@ -144,3 +144,15 @@ def test_every_evaluation_mode_gives_the_same_report(net, test_records):
     assert report["policies"] == reports[0]["policies"]
     assert report["predictions"] == reports[0]["predictions"]
     np.testing.assert_allclose(report["confidence"], reports[0]["confidence"], atol=1e-4)
+
+
+def test_modes_handle_projection_shortcuts():
+  """ImageNet nets drop blocks onto a 1x1 projection shortcut (CIFAR ones onto option A)."""
+  spec = resnet.make_spec("imagenet_resnet10", num_classes=5)
+  variables = resnet.init(spec, jax.random.key(0), image_size=64)
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (4, 64, 64, 3)))
+  policy = np.array([[1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]], np.float32)
+  masked = execution.run("masked", spec, variables, images, policy)
+  for mode in ("batch_skip", "compact", "grouped"):
+    np.testing.assert_allclose(execution.run(mode, spec, variables, images, policy), masked,
+                               atol=TOL, err_msg=mode)

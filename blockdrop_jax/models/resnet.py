@@ -62,6 +62,11 @@ class ResNetSpec:
     return layout
 
   @property
+  def image_size(self) -> int:
+    """The input size the network is trained and tested at (its FLOPs are counted there)."""
+    return 32 if self.stem == "cifar" else 224
+
+  @property
   def stem_width(self) -> int:
     return 16 if self.stem == "cifar" else 64
 
@@ -140,9 +145,12 @@ class Block(nn.Module):
     return self.stride != 1 or self.in_channels != self.out_channels
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Returns (residual, relu(residual + F(x))): the dropped and the kept output."""
+  def __call__(self, x, train: bool = False, shortcut_only: bool = False):
+    """Returns (residual, relu(residual + F(x))): the dropped and the kept output; with
+    ``shortcut_only`` just the dropped output (execution modes that skip the block)."""
     residual = self.shortcut(x, train)
+    if shortcut_only:
+      return residual
     return residual, nn.relu(residual + self.branch(x, train))
 
   def branch(self, x, train):
@@ -224,7 +232,7 @@ def check_policy(policy, batch: int, num_blocks: int) -> None:
 
 def init(spec: ResNetSpec, key: jax.Array, image_size: Optional[int] = None):
   """Random variables ({'params', 'batch_stats'}) for ``spec``."""
-  size = image_size or (32 if spec.stem == "cifar" else 224)
+  size = image_size or spec.image_size
   return ResNet(spec).init(key, jnp.zeros((1, size, size, 3), jnp.float32))
 
 
