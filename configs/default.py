@@ -31,8 +31,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       epochs=5000, batch_size=2048, lr=1e-3, weight_decay=0.0, alpha=0.8, beta=0.1, penalty=-1.0,
       epochs_per_block=1,
       # "compact": the forced prefix once, then each block only on the images that keep it;
-      # "masked": two full masked passes, as the original. Same losses and gradients.
-      passes="compact"))
+      # "masked": two full masked passes, as the original. Same losses and gradients. "auto":
+      # compact on one device, masked on several (compact reorders rows across the whole batch,
+      # which a batch sharded over devices would have to gather; not measured on several devices).
+      passes="auto"))
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
       penalty=-5.0))
