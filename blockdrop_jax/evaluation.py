@@ -31,14 +31,12 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
   return jax.tree.map(lambda *rs: np.concatenate(rs), *outputs)
 
 
-_logits = jax.jit(lambda spec, variables, images: resnet.apply(
-    spec, variables, center_crop(to_unit_float(images), spec.image_size)), static_argnums=0)
-
-
 def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_size: int = 250,
                     progress: bool = True) -> dict:
   """Accuracy and per-image predictions of the full (ungated) ResNet."""
-  logits = batched(lambda x: _logits(spec, variables, x), (dataset.images,),
+  nets, params, stats = steps.Nets(spec), {"resnet": variables["params"]}, {
+      "resnet": variables["batch_stats"]}
+  logits = batched(lambda x: _resnet_eval(nets, params, stats, x), (dataset.images,),
                    min(batch_size, len(dataset)), progress=progress)
   predictions = logits.argmax(-1)
   return {
