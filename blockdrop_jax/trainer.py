@@ -81,21 +81,16 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
                            f"{n_train} training images; lower it")
 
 
-def _limit(dataset: Dataset, limit: int) -> Dataset:
-  if not limit:
-    return dataset
-  return dataset.head(limit)
-
-
 def load_data(config) -> tuple[Dataset, Dataset]:
   d = config.data
   if not d.train or not d.test:
     raise BlockDropError("config.data.train / config.data.test is empty: give a CIFAR file, folder "
                          "or name, or an image folder such as ImageNet's (<split>/<class>/*.JPEG)")
   kwargs = dict(dataset=d.dataset, data_dir=d.data_dir or None, download=d.download)
-  train = _limit(load_dataset(d.train, d.train_split, **kwargs), d.train_limit)
-  test = _limit(load_dataset(d.test, d.test_split, **kwargs), d.test_limit)
-  return train, test
+  train = load_dataset(d.train, d.train_split, **kwargs)
+  test = load_dataset(d.test, d.test_split, **kwargs)
+  return (train.head(d.train_limit) if d.train_limit else train,
+          test.head(d.test_limit) if d.test_limit else test)
 
 
 def initial_variables(config, key) -> tuple[Nets, dict, dict]:
