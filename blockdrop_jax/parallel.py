@@ -39,10 +39,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(AXIS))
 
 
-def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:
-  if global_batch % mesh.size:
-    raise BlockDropError(f"{what} {global_batch} does not split over {mesh.size} devices; use a "
-                         f"multiple of {mesh.size}")
+def check_divisible(batch: int, devices: int, what: str = "batch size") -> None:
+  """A batch must split into equal, non-empty parts over the devices."""
+  if batch < 1 or batch % devices:
+    raise BlockDropError(f"{what} = {batch} does not split over {devices} devices; use a "
+                         f"multiple of {devices}")
 
 
 def replicate(tree, mesh: Mesh):
@@ -77,9 +78,7 @@ def pmap_step(step: Callable, devices=None) -> Callable:
 
 def split_for_pmap(array, devices: int):
   array = np.asarray(array)
-  if array.shape[0] % devices:
-    raise BlockDropError(f"batch size {array.shape[0]} does not split over {devices} devices; use "
-                         f"a multiple of {devices}")
+  check_divisible(array.shape[0], devices)
   return array.reshape(devices, array.shape[0] // devices, *array.shape[1:])
 
 

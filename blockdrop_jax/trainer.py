@@ -73,9 +73,7 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
         raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
     if cfg.epochs < 1 or cfg.lr <= 0:
       raise BlockDropError(f"config.{stage}: epochs ({cfg.epochs}) and lr ({cfg.lr}) must be positive")
-    if cfg.batch_size < 1 or cfg.batch_size % n_devices:
-      raise BlockDropError(f"config.{stage}.batch_size = {cfg.batch_size} does not split over "
-                           f"{n_devices} devices; use a multiple of {n_devices}")
+    parallel.check_divisible(cfg.batch_size, n_devices, f"config.{stage}.batch_size")
     if n_train is not None and cfg.batch_size > n_train:
       raise BlockDropError(f"config.{stage}.batch_size = {cfg.batch_size} is larger than the "
                            f"{n_train} training images; lower it")

@@ -86,7 +86,7 @@ def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
 
 def test_uneven_global_batch_is_a_clear_error(setup):
   with pytest.raises(BlockDropError, match="does not split over 8 devices"):
-    parallel.check_divisible(12, parallel.data_mesh())
+    parallel.check_divisible(12, parallel.data_mesh().size)
   with pytest.raises(BlockDropError, match="does not split over 8 devices"):
     parallel.split_for_pmap(np.zeros((12, 3)), 8)
 
