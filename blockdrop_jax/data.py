@@ -280,19 +280,6 @@ def preprocess_imagenet(image: np.ndarray, rng: Optional[np.random.Generator] = 
   return arr[:, ::-1] if rng is not None and rng.random() < 0.5 else arr
 
 
-def imagenet_source(split: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
-  """TFDS ``imagenet2012`` random-access source (ImageNet needs a manual download folder)."""
-  try:
-    import tensorflow_datasets as tfds
-    kwargs = {"download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)} if manual_dir else {}
-    return tfds.data_source("imagenet2012", split=split, data_dir=data_dir,
-                            download=manual_dir is not None, download_and_prepare_kwargs=kwargs)
-  except Exception as e:
-    raise BlockDropError(
-        f"TFDS could not provide imagenet2012/{split} ({type(e).__name__}: {str(e)[:200]}); put "
-        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a folder and pass it as manual_dir") from e
-
-
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The shuffled example order of one epoch: a pure function of (seed, epoch), so runs resume."""
   return np.random.default_rng([seed, epoch]).permutation(n)
