@@ -4,8 +4,7 @@
 
 Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``--keep`` (trained
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
-images), each image drawing one; or ``--policies-from WORKDIR`` to use a trained run's greedy
-policies on the test subset. Weights: akamaster's pretrained files where they exist, else random
+images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values). Reported: images/s (median of ``--repeats`` timed runs after
 a warm-up), compile time, the FLOPs speedup and the measured speedup over the full network, and the
 curriculum step with the original's two masked passes and with compact passes, averaged over the
