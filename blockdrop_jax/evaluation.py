@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from blockdrop_jax import execution, flops, steps
+from blockdrop_jax import compilation, execution, flops, steps
 from blockdrop_jax.data import Dataset, center_crop, to_unit_float
 from blockdrop_jax.models import resnet
 
@@ -48,9 +48,9 @@ def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_
 
 
 EVAL_MODES = ("compact", "grouped", "masked")  # the first is the default: fastest in benchmarks
-_greedy_eval = jax.jit(steps.greedy_eval, static_argnums=(0, 5))
-_resnet_eval = jax.jit(steps.resnet_eval, static_argnums=0)
-_greedy_policy = jax.jit(steps.greedy_policy, static_argnums=0)
+_greedy_eval = compilation.jit(steps.greedy_eval, static_argnums=(0, 5))
+_resnet_eval = compilation.jit(steps.resnet_eval, static_argnums=0)
+_greedy_policy = compilation.jit(steps.greedy_policy, static_argnums=0)
 
 
 def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockdrop_jax import compilation
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
@@ -179,11 +180,11 @@ class BlockwiseRunner:
   def __init__(self, spec: ResNetSpec):
     self.spec = spec
     self.trace_count = 0
-    self._stem = jax.jit(self._counted(lambda v, x: _stem(spec, v, x)))
-    self._head = jax.jit(self._counted(lambda v, x: _head(spec, v, x)))
-    self._kept = [jax.jit(self._counted(lambda v, x, t=t: _block(spec, v, t, x)[1]))
+    self._stem = compilation.jit(self._counted(lambda v, x: _stem(spec, v, x)))
+    self._head = compilation.jit(self._counted(lambda v, x: _head(spec, v, x)))
+    self._kept = [compilation.jit(self._counted(lambda v, x, t=t: _block(spec, v, t, x)[1]))
                   for t in range(spec.num_blocks)]
-    self._shortcut = [jax.jit(self._counted(lambda v, x, t=t: _shortcut(spec, v, t, x)))
+    self._shortcut = [compilation.jit(self._counted(lambda v, x, t=t: _shortcut(spec, v, t, x)))
                       for t in range(spec.num_blocks)]
     self._changes_shape = [
         stride != 1 or in_ch != width * spec.expansion
@@ -227,7 +228,7 @@ class GroupedExecutor:
     self.buckets = bucket_sizes(max_batch, 1, growth)
     self._blockwise = BlockwiseRunner(spec) if blockwise else None
     self._skip_traces = 0
-    self._skip = jax.jit(self._group_logits)
+    self._skip = compilation.jit(self._group_logits)
 
   @property
   def trace_count(self) -> int:
@@ -253,17 +254,17 @@ class GroupedExecutor:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compilation.jit, static_argnums=0)
 def _batch_skip_jit(spec, variables, images, policy):
   return batch_skip_apply(spec, variables, images, policy)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compilation.jit, static_argnums=0)
 def _compact_jit(spec, variables, images, policy):
   return compact_apply(spec, variables, images, policy)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compilation.jit, static_argnums=0)
 def _masked_jit(spec, variables, images, policy):
   return masked_apply(spec, variables, images, policy)
 

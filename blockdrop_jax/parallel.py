@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from blockdrop_jax import compilation
 from blockdrop_jax.errors import BlockDropError
 
 AXIS = "data"
@@ -66,7 +67,7 @@ def global_batch(mesh: Mesh, *local_arrays):
 def sharded_step(step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
   """``step(state, images, labels, key, k) -> (state, metrics)`` jitted over the mesh."""
   rep, data = replicated(mesh), batch_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, data, data, rep, rep), out_shardings=(rep, rep),
+  return compilation.jit(step, in_shardings=(rep, data, data, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=0 if donate else ())
 
 
