@@ -5,9 +5,9 @@
 - ``batch_skip``: a block runs only if some image of the batch keeps it. The predicate is one
   scalar for the whole batch, so ``lax.cond`` really branches (a per-example ``cond`` under
   ``vmap`` becomes a ``select`` that runs both sides).
-- ``compact``: before each block the rows are reordered kept-first and the block runs on only as
-  many rows as keep it, in chunks (a loop whose trip count is a batch-level count). All
-  on device, one compilation; the curriculum step runs its greedy and sampled passes this way.
+- ``compact``: each block gathers the rows that keep it, runs on only those, in chunks (a loop
+  whose trip count is a batch-level count), and writes them back in place. All on device, one
+  compilation; the curriculum step runs its greedy and sampled passes this way.
 - ``grouped``: images are grouped by policy vector and each group runs with ``batch_skip``, so
   each group runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the
   number of compilations is bounded by the number of buckets, not by the number of policies.
@@ -71,39 +71,38 @@ def batch_skip_apply(spec: ResNetSpec, variables, images, policy):
   return _head(spec, variables, x)
 
 
-def _compact_block(spec: ResNetSpec, variables, t: int, x, order, policies, chunk: int):
-  """Block t run on only the rows that keep it: rows are reordered kept-first and the block runs
-  on chunks of ``chunk`` rows until the kept ones are covered (a loop whose trip count is a
-  batch-level number, so the skipped chunks cost nothing; one compiled block body).
+def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
+  """Block t run on only the rows that keep it (``keep``: (rows,) bool): the kept rows are
+  gathered ``chunk`` at a time, run through the block and written back in place, in a loop whose
+  trip count is a batch-level number, so dropped rows cost nothing; one compiled block body.
 
-  Row r of ``x`` is image ``order[r]`` of ``policies`` (n, K); returns the new (x, order). Rows
-  stay in their new order, so each block costs one gather. Inference mode only: BatchNorm in
-  training mode would see batch statistics of chunks."""
+  Rows stay in input order, so no other row moves. Inference mode only: BatchNorm in training mode
+  would see batch statistics of chunks."""
   rows = x.shape[0]
   chunk = min(chunk, rows)
-  keep = policies[order, t] > 0.5
-  kept_first = jnp.argsort(~keep, stable=True)
-  x, order, keep = x[kept_first], order[kept_first], keep[kept_first]
+  kept_first = jnp.argsort(~keep, stable=True)  # row indices, the kept ones first
 
   def run_chunk(i, out):
-    # The last chunk may be clamped to overlap the one before it: those rows get the same values.
-    start = jnp.minimum(i * chunk, rows - chunk)
-    dropped, kept = _block(spec, variables, t, jax.lax.dynamic_slice_in_dim(x, start, chunk))
-    rows_kept = jax.lax.dynamic_slice_in_dim(keep, start, chunk)[:, None, None, None]
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(rows_kept, kept, dropped), start, 0)
+    # The last chunk may be clamped to overlap the one before it, and a partly kept chunk holds
+    # dropped rows: each row gets its own kept or dropped value, so rewriting it is harmless.
+    rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, jnp.minimum(i * chunk, rows - chunk),
+                                                 chunk)
+    dropped, kept = _block(spec, variables, t, x[rows_of_chunk])
+    chosen = jnp.where(keep[rows_of_chunk][:, None, None, None], kept, dropped)
+    return out.at[rows_of_chunk].set(chosen, unique_indices=True)
 
   chunks = (jnp.sum(keep) + chunk - 1) // chunk
-  return jax.lax.fori_loop(0, chunks, run_chunk, _shortcut(spec, variables, t, x)), order
+  return jax.lax.fori_loop(0, chunks, run_chunk, _shortcut(spec, variables, t, x))
 
 
 def compact_apply(spec: ResNetSpec, variables, images, policy, chunk: int = COMPACT_CHUNK):
   """Logits of [0, 1] images under a per-example ``policy``, each block computed only for the
   images that keep it (rounded up to a multiple of ``chunk``). One compilation for any policy."""
   resnet.check_policy(policy, images.shape[0], spec.num_blocks)
-  x, order = _stem(spec, variables, images), jnp.arange(images.shape[0])
+  x = _stem(spec, variables, images)
   for t in range(spec.num_blocks):
-    x, order = _compact_block(spec, variables, t, x, order, policy, chunk)
-  return _head(spec, variables, x)[jnp.argsort(order)]
+    x = _compact_block(spec, variables, t, x, policy[:, t] > 0.5, chunk)
+  return _head(spec, variables, x)
 
 
 def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced,
@@ -117,21 +116,19 @@ def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_fo
   batch = images.shape[0]
   resnet.check_policy(greedy, batch, spec.num_blocks)
   resnet.check_policy(sampled, batch, spec.num_blocks)
-  policies = jnp.concatenate([greedy, sampled])
+  keep = jnp.concatenate([greedy, sampled]) > 0.5
   x = _stem(spec, variables, images)
-  carry = (jnp.concatenate([x, x]), jnp.arange(2 * batch))
+  x = jnp.concatenate([x, x])
   for t in range(spec.num_blocks):
-    def forced(carry, t=t):
-      # Rows are still in input order here: reordering starts at the first decided block.
-      kept = _block(spec, variables, t, carry[0][:batch])[1]
-      return jnp.concatenate([kept, kept]), carry[1]
+    def forced(x, t=t):
+      kept = _block(spec, variables, t, x[:batch])[1]
+      return jnp.concatenate([kept, kept])
 
-    def decided(carry, t=t):
-      return _compact_block(spec, variables, t, *carry, policies, chunk)
+    def decided(x, t=t):
+      return _compact_block(spec, variables, t, x, keep[:, t], chunk)
 
-    carry = jax.lax.cond(t < num_forced, forced, decided, carry)
-  x, order = carry
-  logits = _head(spec, variables, x)[jnp.argsort(order)]
+    x = jax.lax.cond(t < num_forced, forced, decided, x)
+  logits = _head(spec, variables, x)
   return logits[:batch], logits[batch:]
 
 
