@@ -1,0 +1,31 @@
+"""The speed benchmark runs end to end at toy sizes (its numbers are not checked here)."""
+
+import importlib.util
+import os
+
+from conftest import REPO
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_speed_benchmark_prints_both_tables(shared_data, capsys):
+  speed = _load("speed")
+  assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
+                     "--repeats", "1", "--unique-policies", "2", "--curriculum-batch", "8",
+                     "--curriculum-points", "2", "--curriculum-keep", "0.5"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  inference = [line for line in lines if line.startswith("| cifar_resnet20 | ")
+               and "bias logit" not in line]
+  modes = {line.split(" | ")[2].split(" (")[0] for line in inference}
+  assert modes >= {"full", "full, masked with all kept", "masked", "batch_skip", "compact",
+                   "blockwise", "grouped, batch_skip inside", "grouped, blockwise inside"}
+  # Speedups are over the faster way of running the full network, so that one reads 1.00.
+  full_rows = [line.split(" | ") for line in inference if line.split(" | ")[2].startswith("full")]
+  assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"
+  curriculum = [line for line in lines if "bias logit(0.5)" in line]
+  assert [line.split(" | ")[2] for line in curriculum] == ["masked", "compact"]
