@@ -67,7 +67,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   """One row per mode: the full network first, then each mode under ``policies``.
 
   The full network is timed two ways, as its own graph and as masked execution with every block
-  kept (XLA:CPU runs the second up to 1.5x faster at batch >= 16, same values); speedups are over
+  kept (XLA:CPU runs the second up to 1.7x faster at batch >= 16, same values); speedups are over
   the faster of the two."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
