@@ -67,8 +67,8 @@ def global_batch(mesh: Mesh, *local_arrays):
 def sharded_step(step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
   """``step(state, images, labels, key, k) -> (state, metrics)`` jitted over the mesh."""
   rep, data = replicated(mesh), batch_sharded(mesh)
-  return compilation.jit(step, in_shardings=(rep, data, data, rep, rep), out_shardings=(rep, rep),
-                 donate_argnums=0 if donate else ())
+  return compilation.jit(step, in_shardings=(rep, data, data, rep, rep),
+                         out_shardings=(rep, rep), donate_argnums=0 if donate else ())
 
 
 def pmap_step(step: Callable, devices=None) -> Callable:

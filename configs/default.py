@@ -32,8 +32,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       epochs_per_block=1,
       # "compact": the forced prefix once, then each block only on the images that keep it;
       # "masked": two full masked passes, as the original. Same losses and gradients. "auto":
-      # compact on one device, masked on several (compact reorders rows across the whole batch,
-      # which a batch sharded over devices would have to gather; not measured on several devices).
+      # compact on one device, masked on several (compact gathers each block's kept rows from the
+      # whole batch, which a batch sharded over devices would move between them; not measured).
       passes="auto"))
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
