@@ -71,23 +71,29 @@ def batch_skip_apply(spec: ResNetSpec, variables, images, policy):
   return _head(spec, variables, x)
 
 
+def _changes_shape(spec: ResNetSpec, t: int) -> bool:
+  _, _, in_channels, width, stride = spec.block_layout()[t]
+  return stride != 1 or in_channels != width * spec.expansion
+
+
 def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
-  """Block t run on only the rows that keep it (``keep``: (rows,) bool): the kept rows are
-  gathered ``chunk`` at a time, run through the block and written back in place, in a loop whose
-  trip count is a batch-level number, so dropped rows cost nothing; one compiled block body.
+  """Block t run on only the rows that keep it (``keep``: (rows,) bool, rows a multiple of
+  ``chunk``): the kept rows are gathered ``chunk`` at a time, run through the block and written
+  back in place, in a loop whose trip count is a batch-level number, so dropped rows cost
+  nothing; one compiled block body.
 
   Rows stay in input order, so no other row moves. Inference mode only: BatchNorm in training mode
   would see batch statistics of chunks."""
-  rows = x.shape[0]
-  chunk = min(chunk, rows)
   kept_first = jnp.argsort(~keep, stable=True)  # row indices, the kept ones first
+  # Chunks never overlap, so each row is read before it is written: a block that keeps its
+  # input's shape reads its rows from the output being written, which then needs no copy of x.
+  reads_output = not _changes_shape(spec, t)
 
   def run_chunk(i, out):
-    # The last chunk may be clamped to overlap the one before it, and a partly kept chunk holds
-    # dropped rows: each row gets its own kept or dropped value, so rewriting it is harmless.
-    rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, jnp.minimum(i * chunk, rows - chunk),
-                                                 chunk)
-    dropped, kept = _block(spec, variables, t, x[rows_of_chunk])
+    # A partly kept chunk holds dropped rows: each row gets its own kept or dropped value, so
+    # rewriting it is harmless.
+    rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, i * chunk, chunk)
+    dropped, kept = _block(spec, variables, t, (out if reads_output else x)[rows_of_chunk])
     chosen = jnp.where(keep[rows_of_chunk][:, None, None, None], kept, dropped)
     return out.at[rows_of_chunk].set(chosen, unique_indices=True)
 
@@ -95,14 +101,23 @@ def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
   return jax.lax.fori_loop(0, chunks, run_chunk, _shortcut(spec, variables, t, x))
 
 
+def _pad_rows(x, keep, chunk: int):
+  """``x`` and ``keep`` padded with dropped rows to a multiple of ``chunk`` rows."""
+  pad = -x.shape[0] % chunk
+  return (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)),
+          jnp.pad(keep, [(0, pad), (0, 0)], constant_values=False))
+
+
 def compact_apply(spec: ResNetSpec, variables, images, policy, chunk: int = COMPACT_CHUNK):
   """Logits of [0, 1] images under a per-example ``policy``, each block computed only for the
   images that keep it (rounded up to a multiple of ``chunk``). One compilation for any policy."""
-  resnet.check_policy(policy, images.shape[0], spec.num_blocks)
-  x = _stem(spec, variables, images)
+  batch = images.shape[0]
+  resnet.check_policy(policy, batch, spec.num_blocks)
+  chunk = min(chunk, batch)
+  x, keep = _pad_rows(_stem(spec, variables, images), policy > 0.5, chunk)
   for t in range(spec.num_blocks):
-    x = _compact_block(spec, variables, t, x, policy[:, t] > 0.5, chunk)
-  return _head(spec, variables, x)
+    x = _compact_block(spec, variables, t, x, keep[:, t], chunk)
+  return _head(spec, variables, x)[:batch]
 
 
 def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced,
@@ -116,20 +131,21 @@ def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_fo
   batch = images.shape[0]
   resnet.check_policy(greedy, batch, spec.num_blocks)
   resnet.check_policy(sampled, batch, spec.num_blocks)
-  keep = jnp.concatenate([greedy, sampled]) > 0.5
+  chunk = min(chunk, 2 * batch)
   x = _stem(spec, variables, images)
-  x = jnp.concatenate([x, x])
+  x, keep = _pad_rows(jnp.concatenate([x, x]), jnp.concatenate([greedy, sampled]) > 0.5, chunk)
   for t in range(spec.num_blocks):
     def forced(x, t=t):
       kept = _block(spec, variables, t, x[:batch])[1]
-      return jnp.concatenate([kept, kept])
+      padding = _shortcut(spec, variables, t, x[2 * batch:])
+      return jnp.concatenate([kept, kept, padding])
 
     def decided(x, t=t):
       return _compact_block(spec, variables, t, x, keep[:, t], chunk)
 
     x = jax.lax.cond(t < num_forced, forced, decided, x)
   logits = _head(spec, variables, x)
-  return logits[:batch], logits[batch:]
+  return logits[:batch], logits[batch:2 * batch]
 
 
 def masked_apply(spec: ResNetSpec, variables, images, policy):
@@ -183,9 +199,7 @@ class BlockwiseRunner:
                   for t in range(spec.num_blocks)]
     self._shortcut = [compilation.jit(self._counted(lambda v, x, t=t: _shortcut(spec, v, t, x)))
                       for t in range(spec.num_blocks)]
-    self._changes_shape = [
-        stride != 1 or in_ch != width * spec.expansion
-        for _, _, in_ch, width, stride in spec.block_layout()]
+    self._changes_shape = [_changes_shape(spec, t) for t in range(spec.num_blocks)]
 
   def _counted(self, fn):
     def traced(*args):
