@@ -34,17 +34,18 @@ def compiler_options() -> dict:
 
 
 def jit(fun: Callable, **jit_kwargs) -> Callable:
-  """``jax.jit(fun, **jit_kwargs)`` compiled with ``compiler_options()``.
+  """``jax.jit(fun, **jit_kwargs)`` compiled with ``compiler_options()``; ``.lower`` as jax.jit's.
 
   The options are looked up at the first call, so defining a jitted function (say at import) does
   not start a JAX backend."""
-  jitted = None
+
+  @functools.cache
+  def jitted():
+    return jax.jit(fun, compiler_options=compiler_options() or None, **jit_kwargs)
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
-    nonlocal jitted
-    if jitted is None:
-      jitted = jax.jit(fun, compiler_options=compiler_options() or None, **jit_kwargs)
-    return jitted(*args, **kwargs)
+    return jitted()(*args, **kwargs)
 
+  call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
   return call

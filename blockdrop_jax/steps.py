@@ -8,12 +8,14 @@ uint8; augmentation happens inside the step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, PartitionSpec
 
 from blockdrop_jax import curriculum, execution, rewards
 from blockdrop_jax.data import apply_crop_flip, center_crop, crop_flip_draws, to_unit_float
@@ -61,6 +63,10 @@ class Nets:
   # block only on the images that keep it (execution.curriculum_pair); "masked" runs two full
   # masked passes as the original does. Same results.
   curriculum_passes: str = "compact"
+  # The mesh of a step jitted over a sharded global batch (parallel.sharded_step): compact passes
+  # then run under shard_map on each device's own rows, instead of gathering kept rows from the
+  # whole batch across devices (they are per image, and the ResNet is frozen).
+  mesh: Optional[Mesh] = None
 
 
 def _forward(nets: Nets, spec: ResNetSpec, params, stats, images, policy=None, train=False):
@@ -141,6 +147,16 @@ def _policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
   return log_p, log_not_p, sampled, greedy, policy_stats
 
 
+def _compact_passes(nets: Nets):
+  """execution.curriculum_pair of ``nets.resnet``, per device when the batch is sharded."""
+  pair = functools.partial(execution.curriculum_pair, nets.resnet)
+  if nets.mesh is None:
+    return pair
+  rows, whole = PartitionSpec(nets.mesh.axis_names), PartitionSpec()
+  return jax.shard_map(pair, mesh=nets.mesh, in_specs=(whole, rows, rows, rows, whole),
+                       out_specs=(rows, rows))
+
+
 def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key, k):
   """Stage 1 loss (ResNet frozen, BN inference mode) and its measurements.
 
@@ -153,8 +169,8 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
   if nets.curriculum_passes == "compact":
-    logits_greedy, logits_sampled = execution.curriculum_pair(
-        nets.resnet, {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
+    logits_greedy, logits_sampled = _compact_passes(nets)(
+        {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
   else:
     logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
     logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)

@@ -66,8 +66,8 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
         raise BlockDropError(
             f"config.{stage}.penalty = {cfg.penalty} must be negative: it is the reward of a wrong "
             f"prediction, below any correct one (did you mean {-abs(cfg.penalty) or -1}?)")
-      if stage == "curriculum" and cfg.passes not in ("auto", *steps.CURRICULUM_PASSES):
-        raise BlockDropError(f"config.curriculum.passes = {cfg.passes!r}; use 'auto' or one of "
+      if stage == "curriculum" and cfg.passes not in steps.CURRICULUM_PASSES:
+        raise BlockDropError(f"config.curriculum.passes = {cfg.passes!r}; use one of "
                              f"{steps.CURRICULUM_PASSES}")
       if not 0.5 < cfg.alpha <= 1.0:
         raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
@@ -94,10 +94,7 @@ def load_data(config) -> tuple[Dataset, Dataset]:
 def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   """Specs and (params, batch_stats) of the base ResNet and the policy network: from
   ``config.init_from`` (an earlier run's workdir), else a base file plus a fresh policy."""
-  passes = config.curriculum.passes
-  if passes == "auto":
-    passes = "compact" if jax.device_count() == 1 else "masked"
-  options = dict(augment=config.data.augment, curriculum_passes=passes)
+  options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
   if config.init_from:
     nets, params, stats, _ = load_run(config.init_from)
     return dataclasses.replace(nets, **options), params, stats
@@ -150,7 +147,7 @@ def policy_loss(config, stage: str) -> PolicyLoss:
 def compiled_step(run: Run, stage: str, tx, mesh):
   """The step of ``stage``, (state, images, labels, key, k) -> (state, metrics), jitted over the
   data-parallel ``mesh``."""
-  nets = run.nets
+  nets = dataclasses.replace(run.nets, mesh=mesh)
   if stage == "pretrain":
     fn = lambda s, x, y, key, k: steps.pretrain_step(nets, tx, s, x, y, key)
   elif stage == "curriculum":

@@ -30,11 +30,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.curriculum = ml_collections.ConfigDict(dict(
       epochs=5000, batch_size=2048, lr=1e-3, weight_decay=0.0, alpha=0.8, beta=0.1, penalty=-1.0,
       epochs_per_block=1,
-      # "compact": the forced prefix once, then each block only on the images that keep it;
-      # "masked": two full masked passes, as the original. Same losses and gradients. "auto":
-      # compact on one device, masked on several (compact gathers each block's kept rows from the
-      # whole batch, which a batch sharded over devices would move between them; not measured).
-      passes="auto"))
+      # "compact": the forced prefix once, then each block only on the images that keep it (on
+      # several devices each runs its own rows); "masked": two full masked passes, as the
+      # original. Same losses and gradients.
+      passes="compact"))
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
       penalty=-5.0))

@@ -1,6 +1,9 @@
 """Data parallelism on 8 fake CPU devices (conftest sets XLA_FLAGS before JAX starts)."""
 
+import collections
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,8 +68,9 @@ def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
   mesh = parallel.data_mesh()
   sharded_state = parallel.replicate(state, mesh)
   x, y = parallel.global_batch(mesh, images, labels)
-  sharded, m_sharded = parallel.sharded_step(_step(kind, nets, tx), mesh, donate=False)(
-      sharded_state, x, y, key, k)
+  sharded, m_sharded = parallel.sharded_step(
+      _step(kind, dataclasses.replace(nets, mesh=mesh), tx), mesh, donate=False)(
+          sharded_state, x, y, key, k)
   assert len(x.sharding.device_set) == 8
 
   pmapped_step = parallel.pmap_step(_step(kind, parallel.with_axis(nets), tx))
@@ -82,6 +86,29 @@ def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
     _close(metrics, m_single)
   # The step really moved the parameters it trains.
   assert not np.allclose(single.params["policy"]["fc"]["kernel"], params["policy"]["fc"]["kernel"])
+
+
+def _collectives(compiled_hlo: str) -> collections.Counter:
+  return collections.Counter(re.findall(
+      r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+      compiled_hlo))
+
+
+def test_sharded_compact_curriculum_passes_move_no_rows_between_devices(setup):
+  """Compact passes gather each block's kept rows; over a sharded batch they run per device
+  (shard_map), so the step communicates exactly what the masked step does: the gradient and
+  metric means. Under plain GSPMD they moved rows between devices (all-to-all, permutes)."""
+  nets, params, stats, images, labels = setup
+  tx = optax.sgd(0.5)
+  mesh = parallel.data_mesh()
+  state = parallel.replicate(steps.create_state(params, stats, tx), mesh)
+  x, y = parallel.global_batch(mesh, images, labels)
+  compiled = {}
+  for passes in steps.CURRICULUM_PASSES:
+    step = _step("curriculum", dataclasses.replace(nets, curriculum_passes=passes, mesh=mesh), tx)
+    compiled[passes] = _collectives(parallel.sharded_step(step, mesh, donate=False).lower(
+        state, x, y, jax.random.key(0), jnp.int32(2)).compile().as_text())
+  assert compiled["compact"] == compiled["masked"] and compiled["masked"]["all-reduce"] > 0
 
 
 def test_uneven_global_batch_is_a_clear_error(setup):
