@@ -1,4 +1,4 @@
-"""The speed benchmark runs end to end at toy sizes (its numbers are not checked here)."""
+"""The benchmarks run end to end at toy sizes (their numbers are not checked here)."""
 
 import importlib.util
 import os
@@ -29,3 +29,13 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"
   curriculum = [line for line in lines if "bias logit(0.5)" in line]
   assert [line.split(" | ")[2] for line in curriculum] == ["masked", "compact"]
+
+
+def test_train_steps_benchmark_times_every_stage(shared_data, capsys):
+  train_steps = _load("train_steps")
+  assert train_steps.main(["--nets", "cifar_resnet8", "--batch", "4", "--repeats", "1"]) == 0
+  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| cifar_resnet8 | ")]
+  assert [row[1] for row in rows] == ["pretrain", "curriculum, compact passes, k = K",
+                                      "curriculum, masked passes, k = K", "finetune"]
+  assert all(float(row[2]) > 0 for row in rows)
