@@ -14,6 +14,7 @@ with the original's two masked passes and with compact passes, averaged over the
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import platform
@@ -67,8 +68,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   """One row per mode: the full network first, then each mode under ``policies``.
 
   The full network is timed two ways, as its own graph and as masked execution with every block
-  kept (XLA:CPU runs the second up to 1.7x faster at batch >= 16, same values); speedups are over
-  the faster of the two."""
+  kept (same values); speedups are over the faster of the two, so that no compiler effect on one
+  graph (XLA:CPU once ran the plain graph 1.7x slower) flatters the modes."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
   grouped = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
@@ -119,22 +120,23 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   tx = optax.adam(1e-3)
   state = steps.create_state(params, stats, tx)
-  x, y = images[:batch], labels[:batch]
+  x, y = jnp.asarray(images[:batch]), jnp.asarray(labels[:batch])
   K = spec.num_blocks
   ks = sorted({max(1, round(K * (i + 1) / points)) for i in range(points)})
   passes = ("masked", "compact")
-  step = {p: compilation.jit(lambda s, k, nets=steps.Nets(spec, policy_spec, curriculum_passes=p):
-                             steps.curriculum_step(nets, steps.PolicyLoss(), tx, s, x, y,
-                                                   jax.random.key(0), k)[1])
-          for p in passes}
-  first_call = {p: timed_call(lambda: step[p](state, jnp.int32(ks[0])))[0] for p in passes}
+  # The whole update, new state included: were the state dropped inside jit, XLA would remove
+  # the policy network's backward pass and the optimiser update as dead code.
+  step = {p: compilation.jit(functools.partial(
+      steps.curriculum_step, steps.Nets(spec, policy_spec, curriculum_passes=p), steps.PolicyLoss(),
+      tx, key=jax.random.key(0))) for p in passes}
+  first_call = {p: timed_call(lambda: step[p](state, x, y, k=jnp.int32(ks[0])))[0] for p in passes}
   per_k = {p: [] for p in passes}
   blocks = {p: [] for p in passes}
   for k in ks:
     runs, metrics = {p: [] for p in passes}, {}
     for _ in range(repeats + 1):  # the two steps alternate, so drifts of the machine hit both
       for p in passes:
-        seconds, metrics[p] = timed_call(lambda: step[p](state, jnp.int32(k)))
+        seconds, (_, metrics[p]) = timed_call(lambda: step[p](state, x, y, k=jnp.int32(k)))
         runs[p].append(seconds)
     for p in passes:
       per_k[p].append(statistics.median(runs[p][1:]))  # the first run of each k is a warm-up
