@@ -6,9 +6,11 @@ Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``-
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
 images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values). Reported: images/s (median of ``--repeats`` timed runs after
-a warm-up), compile time, the FLOPs speedup and the measured speedup over the full network (the
-faster of its plain graph and masked execution with every block kept), and the curriculum step
-with the original's two masked passes and with compact passes, averaged over the schedule.
+a warm-up; the modes of a table take turns in each run, so the machine's drifts hit them alike),
+compile time, the FLOPs speedup and the measured speedup over the full network (the faster of its
+plain graph and masked execution with every block kept), and the curriculum step (the trainer's
+optimiser) with the original's two masked passes and with compact passes, averaged over the
+schedule.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import compilation, convert, data, execution, flops, steps  # noqa: E402
+from blockdrop_jax import compilation, configs, convert, data, execution, flops, steps, trainer  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -40,10 +41,17 @@ def timed_call(fn) -> tuple[float, object]:
   return time.perf_counter() - start, result
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-  """(compile + first run seconds, median seconds of ``repeats`` later runs)."""
-  first = timed_call(fn)[0]
-  return first, statistics.median(timed_call(fn)[0] for _ in range(repeats))
+def timed_alternately(fns: dict, repeats: int) -> dict:
+  """{name: (compile + first run seconds, median seconds of ``repeats`` later runs)}.
+
+  The functions take turns within each repeat, so a drift of the machine's speed (large here:
+  it shares its host) slows all of them alike instead of whichever ran during it."""
+  first = {name: timed_call(fn)[0] for name, fn in fns.items()}
+  runs = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      runs[name].append(timed_call(fn)[0])
+  return {name: (first[name], statistics.median(runs[name])) for name in fns}
 
 
 def load_net(name: str, shared: str):
@@ -62,6 +70,7 @@ def sample_policies(n: int, num_blocks: int, keep: float, unique: int, seed: int
 
 
 FULL_MODES = ("full", "full, masked with all kept")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
 
 def inference_rows(spec, variables, images, policies, batch: int, repeats: int) -> list[dict]:
@@ -69,32 +78,34 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
 
   The full network is timed two ways, as its own graph and as masked execution with every block
   kept (same values); speedups are over the faster of the two, so that no compiler effect on one
-  graph (XLA:CPU once ran the plain graph 1.7x slower) flatters the modes."""
+  graph (XLA:CPU once ran the plain graph 1.7x slower) flatters the modes. The full network and
+  the jitted modes run through ``execution.Runner`` (weights packed once), as a server would."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
   grouped = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
   grouped_cond = execution.GroupedExecutor(spec, max_batch=batch)
   blockwise = execution.BlockwiseRunner(spec)
+  masked, batch_skip, compact = (execution.Runner(mode, spec, variables)
+                                 for mode in ("masked", "batch_skip", "compact"))
   modes = {
-      "full": lambda x, p: execution.run("masked", spec, variables, x, None),
-      "full, masked with all kept": lambda x, p: execution.run("masked", spec, variables, x,
-                                                                np.ones_like(p)),
-      "masked": lambda x, p: execution.run("masked", spec, variables, x, p),
-      "batch_skip": lambda x, p: execution.run("batch_skip", spec, variables, x, p),
-      "compact": lambda x, p: execution.run("compact", spec, variables, x, p),
+      "full": lambda x, p: masked(x),
+      "full, masked with all kept": lambda x, p: masked(x, np.ones_like(p)),
+      "masked": masked,
+      "batch_skip": batch_skip,
+      "compact": compact,
   }
   if batch == 1:
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
   else:
     modes["grouped, batch_skip inside"] = lambda x, p: grouped_cond(variables, x, p)
     modes["grouped, blockwise inside"] = lambda x, p: grouped(variables, x, p)
-  rows = []
-  for mode, fn in modes.items():
-    first, seconds = timed(lambda: [fn(images[i:i + batch], policies[i:i + batch])
-                                    for i in range(0, len(images), batch)], repeats)
-    rows.append({"mode": mode, "seconds": seconds, "images_per_s": len(images) / seconds,
-                 "first_call_s": first,
-                 "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup})
+  times = timed_alternately(
+      {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
+                            for i in range(0, len(images), batch)] for mode, fn in modes.items()},
+      repeats)
+  rows = [{"mode": mode, "seconds": seconds, "images_per_s": len(images) / seconds,
+           "first_call_s": first, "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
+          for mode, (first, seconds) in times.items()]
   full_seconds = min(row["seconds"] for row in rows if row["mode"] in FULL_MODES)
   for row in rows:
     row["measured_speedup"] = full_seconds / row["seconds"]
@@ -118,7 +129,8 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   pv["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], np.log(keep / (1 - keep)))}
   params = {"resnet": variables["params"], "policy": pv["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
-  tx = optax.adam(1e-3)
+  # The trainer's optimiser: Adam on the policy network, zero updates for the frozen ResNet.
+  tx = trainer.make_optimizer("curriculum", configs.load(DEFAULT_CONFIG).curriculum, 1)
   state = steps.create_state(params, stats, tx)
   x, y = jnp.asarray(images[:batch]), jnp.asarray(labels[:batch])
   K = spec.num_blocks
@@ -132,15 +144,13 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   first_call = {p: timed_call(lambda: step[p](state, x, y, k=jnp.int32(ks[0])))[0] for p in passes}
   per_k = {p: [] for p in passes}
   blocks = {p: [] for p in passes}
-  for k in ks:
-    runs, metrics = {p: [] for p in passes}, {}
-    for _ in range(repeats + 1):  # the two steps alternate, so drifts of the machine hit both
-      for p in passes:
-        seconds, (_, metrics[p]) = timed_call(lambda: step[p](state, x, y, k=jnp.int32(k)))
-        runs[p].append(seconds)
+  for k in map(jnp.int32, ks):
     for p in passes:
-      per_k[p].append(statistics.median(runs[p][1:]))  # the first run of each k is a warm-up
-      blocks[p].append(float(metrics[p]["blocks_sampled"] + metrics[p]["blocks_greedy"]) / (2 * K))
+      metrics = step[p](state, x, y, k=k)[1]
+      blocks[p].append(float(metrics["blocks_sampled"] + metrics["blocks_greedy"]) / (2 * K))
+    times = timed_alternately({p: lambda p=p: step[p](state, x, y, k=k) for p in passes}, repeats)
+    for p in passes:
+      per_k[p].append(times[p][1])
   # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
   # ramp, i.e. a schedule of 2K epochs (the configs here run about that long).
   weights = np.array([(K - 1) / (len(ks) - 1)] * (len(ks) - 1) + [K + 1]) if len(ks) > 1 \

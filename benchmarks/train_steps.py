@@ -20,7 +20,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.speed import load_net, timed  # noqa: E402
+from benchmarks.speed import load_net, timed_alternately  # noqa: E402
 from blockdrop_jax import compilation, data, steps  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
 
@@ -59,13 +59,13 @@ def main(argv=None) -> int:
       os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   images, labels = jnp.asarray(images[:args.batch]), jnp.asarray(labels[:args.batch])
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores, batch "
-        f"{args.batch}, median of {args.repeats} runs after a warm-up\n")
+        f"{args.batch}, median of {args.repeats} runs after a warm-up, the steps taking turns\n")
   print("| net | step | images/s | s/step | first call s |")
   print("|---|---|---|---|---|")
   for name in args.nets:
     spec, variables = load_net(name, shared)
-    for step, run in stage_steps(spec, variables, images, labels).items():
-      first, seconds = timed(run, args.repeats)
+    times = timed_alternately(stage_steps(spec, variables, images, labels), args.repeats)
+    for step, (first, seconds) in times.items():
       print(f"| {name} | {step} | {args.batch / seconds:.1f} | {seconds:.3f} | {first:.1f} |",
             flush=True)
   return 0

@@ -1,5 +1,6 @@
 """Every execution mode gives the masked outputs, on real images and pretrained weights."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,11 +46,36 @@ def test_batch_one_runs_each_images_own_blocks(net):
   np.testing.assert_allclose(single, masked, atol=TOL)
 
 
+
+def test_packed_weights_unpack_exactly(net):
+  """Runner and GroupedExecutor pass packed weights: far fewer arrays per call, the same values."""
+  spec, variables, _ = net
+  packed, packing = execution.pack(variables)
+  assert len(jax.tree.leaves(packed)) <= len(jax.tree.leaves(variables)) // 4
+  chex.assert_trees_all_equal(jax.jit(execution.unpack, static_argnums=1)(packed, packing),
+                              variables)
+
+
+def test_runner_equals_the_plain_network(net):
+  spec, variables, images = net
+  policy = _policies(16, spec.num_blocks, seed=2)
+  unpacked = jax.jit(lambda x, p: resnet.apply(spec, variables, x, p))
+  np.testing.assert_allclose(execution.Runner("masked", spec, variables)(images[:16]),
+                             unpacked(images[:16], None), atol=TOL)
+  for mode in ("masked", "batch_skip", "compact"):
+    runner = execution.Runner(mode, spec, variables)
+    np.testing.assert_allclose(runner(images[:16], policy), unpacked(images[:16], policy),
+                               atol=TOL, err_msg=mode)
+    np.testing.assert_allclose(runner(images[:1], policy[:1]), unpacked(images[:1], policy[:1]),
+                               atol=TOL, err_msg=f"{mode} at batch 1")
+  with pytest.raises(ValueError, match="unknown jitted execution mode 'grouped'"):
+    execution.Runner("grouped", spec, variables)
+
 @pytest.mark.parametrize("blockwise", [True, False])
 def test_grouped_equals_masked_with_bounded_compilations(net, blockwise):
   spec, variables, images = net
   executor = execution.GroupedExecutor(spec, max_batch=16, blockwise=blockwise)
-  assert executor.buckets == (1, 4, 16)
+  assert executor.buckets == (1, 2, 4, 8, 16)
   for seed, unique in enumerate((3, 7, None, 5)):
     policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
     np.testing.assert_allclose(executor(variables, images, policy),
@@ -76,7 +102,7 @@ def test_grouping_and_bucketing():
   plan = execution.plan_batches([np.arange(11), np.arange(11, 14)], (1, 2, 4, 8))
   assert [len(chunk) for chunk in plan] == [8, 2, 1, 2, 1]
   assert np.concatenate(plan).tolist() == list(range(14))
-  assert execution.bucket_sizes(256) == (1, 4, 16, 64, 256)
+  assert execution.bucket_sizes(256, growth=4) == (1, 4, 16, 64, 256)
   assert execution.bucket_sizes(250, growth=2)[-2:] == (128, 250)
 
 
