@@ -203,9 +203,12 @@ def unpack(packed, packing: Packing):
 _APPLY = {"masked": masked_apply, "batch_skip": batch_skip_apply, "compact": compact_apply}
 
 
-@functools.partial(compilation.jit, static_argnums=(0, 1, 2))
-def _apply_packed(mode: str, spec: ResNetSpec, packing: Packing, packed, images, policy):
-  return _APPLY[mode](spec, unpack(packed, packing), images, policy)
+@functools.cache
+def _compiled(mode: str, spec: ResNetSpec, packing: Packing):
+  """``mode`` of ``spec`` jitted over packed weights, shared by every ``Runner`` of that layout
+  (looked up once per ``Runner``: hashing a ``Packing`` at every call would cost 10+ us)."""
+  return compilation.jit(
+      lambda packed, images, policy: _APPLY[mode](spec, unpack(packed, packing), images, policy))
 
 
 class Runner:
@@ -219,11 +222,11 @@ class Runner:
   def __init__(self, mode: str, spec: ResNetSpec, variables):
     if mode not in _APPLY:
       raise ValueError(f"unknown jitted execution mode {mode!r}; choose one of {tuple(_APPLY)}")
-    self.mode, self.spec = mode, spec
-    self._packed, self._packing = pack(variables)
+    self._packed, packing = pack(variables)
+    self._apply = _compiled(mode, spec, packing)
 
   def __call__(self, images, policy: Optional[Any] = None):
-    return _apply_packed(self.mode, self.spec, self._packing, self._packed, images, policy)
+    return self._apply(self._packed, images, policy)
 
 
 def bucket_sizes(max_batch: int, smallest: int = 1, growth: int = 2) -> tuple[int, ...]:
