@@ -6,7 +6,8 @@
   scalar for the whole batch, so ``lax.cond`` really branches (a per-example ``cond`` under
   ``vmap`` becomes a ``select`` that runs both sides).
 - ``compact``: each block gathers the rows that keep it, runs on only those, in chunks (a loop
-  whose trip count is a batch-level count), and writes them back in place. All on device, one
+  whose trip count is a batch-level count; a small remainder in a half chunk), and writes them
+  back in place. All on device, one
   compilation; the curriculum step runs its greedy and sampled passes this way.
 - ``grouped``: images are grouped by policy vector and each group runs with ``batch_skip``, so
   each group runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the
@@ -84,7 +85,8 @@ def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
   """Block t run on only the rows that keep it (``keep``: (rows,) bool, rows a multiple of
   ``chunk``): the kept rows are gathered ``chunk`` at a time, run through the block and written
   back in place, in a loop whose trip count is a batch-level number, so dropped rows cost
-  nothing; one compiled block body.
+  nothing. A remainder of at most ``chunk // 2`` rows runs as one chunk of that size, which halves
+  the rows computed in vain (ResNet-110 at 35% kept: 0.81-0.83 -> 0.86 of the FLOPs speedup).
 
   Rows stay in input order, so no other row moves. Inference mode only: BatchNorm in training mode
   would see batch statistics of chunks."""
@@ -93,16 +95,24 @@ def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
   # input's shape reads its rows from the output being written, which then needs no copy of x.
   reads_output = not _changes_shape(spec, t)
 
-  def run_chunk(i, out):
-    # A partly kept chunk holds dropped rows: each row gets its own kept or dropped value, so
-    # rewriting it is harmless.
-    rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, i * chunk, chunk)
-    dropped, kept = _block(spec, variables, t, (out if reads_output else x)[rows_of_chunk])
-    chosen = jnp.where(keep[rows_of_chunk][:, None, None, None], kept, dropped)
-    return out.at[rows_of_chunk].set(chosen, unique_indices=True)
+  def run_chunks(out, first_row, count, size):
+    def run_chunk(i, out):
+      # A partly kept chunk holds dropped rows: each row gets its own kept or dropped value, so
+      # rewriting it is harmless.
+      rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, first_row + i * size, size)
+      dropped, kept = _block(spec, variables, t, (out if reads_output else x)[rows_of_chunk])
+      chosen = jnp.where(keep[rows_of_chunk][:, None, None, None], kept, dropped)
+      return out.at[rows_of_chunk].set(chosen, unique_indices=True)
 
-  chunks = (jnp.sum(keep) + chunk - 1) // chunk
-  return jax.lax.fori_loop(0, chunks, run_chunk, _shortcut(spec, variables, t, x))
+    return jax.lax.fori_loop(0, count, run_chunk, out)
+
+  kept_rows = jnp.sum(keep)
+  half = chunk // 2
+  rest = kept_rows % chunk
+  small_rest = ((rest > 0) & (rest <= half)).astype(kept_rows.dtype) if half else 0
+  chunks = (kept_rows + chunk - 1) // chunk - small_rest
+  out = run_chunks(_shortcut(spec, variables, t, x), 0, chunks, chunk)
+  return run_chunks(out, chunks * chunk, small_rest, half) if half else out
 
 
 def _pad_rows(x, keep, chunk: int):

@@ -120,6 +120,19 @@ def test_compact_equals_masked_with_one_compilation(net):
                              execution.run("masked", spec, variables, odd, policy), atol=TOL)
 
 
+
+def test_compact_covers_every_remainder_of_a_chunk(net):
+  """Kept rows per block from none to all of 48: exact chunks of 16, a remainder of at most 8
+  (one half chunk) and of more than 8 (one more full chunk), at every block position."""
+  spec, variables, images = net
+  counts = np.array([0, 3, 8, 9, 13, 16, 19, 48, 25])[:spec.num_blocks]
+  rng = np.random.default_rng(7)
+  policy = np.zeros((len(images), spec.num_blocks), np.float32)
+  for t, count in enumerate(counts):
+    policy[rng.permutation(len(images))[:count], t] = 1.0
+  np.testing.assert_allclose(execution.run("compact", spec, variables, images, policy),
+                             execution.run("masked", spec, variables, images, policy), atol=TOL)
+
 def test_curriculum_pair_equals_two_masked_passes(net):
   spec, variables, images = net
   K = spec.num_blocks
