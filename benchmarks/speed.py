@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import compilation, configs, convert, data, execution, flops, steps, trainer  # noqa: E402
+from blockdrop_jax import (compilation, configs, convert, data, execution, flops,  # noqa: E402
+                           steps, trainer)
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -70,7 +71,8 @@ def sample_policies(n: int, num_blocks: int, keep: float, unique: int, seed: int
 
 
 FULL_MODES = ("full", "full, masked with all kept")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "default.py")
 
 
 def inference_rows(spec, variables, images, policies, batch: int, repeats: int) -> list[dict]:

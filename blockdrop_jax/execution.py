@@ -7,8 +7,8 @@
   ``vmap`` becomes a ``select`` that runs both sides).
 - ``compact``: each block gathers the rows that keep it, runs on only those, in chunks (a loop
   whose trip count is a batch-level count; a small remainder in a half chunk), and writes them
-  back in place. All on device, one
-  compilation; the curriculum step runs its greedy and sampled passes this way.
+  back in place. All on device, one compilation; the curriculum step runs its greedy and sampled
+  passes this way.
 - ``grouped``: images are grouped by policy vector and each group runs with ``batch_skip``, so
   each group runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the
   number of compilations is bounded by the number of buckets, not by the number of policies.
