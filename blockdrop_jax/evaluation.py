@@ -54,14 +54,17 @@ _greedy_policy = compilation.jit(steps.greedy_policy, static_argnums=0)
 
 
 def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,
-                     k: Optional[int] = None, progress: bool = True, mode: str = "compact") -> dict:
+                     k: Optional[int] = None, progress: bool = True, mode: str = "compact",
+                     grouped_window: Optional[int] = None) -> dict:
   """What the original ``test.py`` prints, plus per-image predictions, policies and images/s.
 
   FLOPs/img counts the policy network and only the blocks each image runs (DESIGN.md s.4).
   ``mode`` (``EVAL_MODES``): "compact" and "masked" run policy and ResNet in one compiled
   function, "compact" computing each block only for the images that keep it; "grouped" runs the
   policy first, then each group of images sharing a policy with only its blocks
-  (``execution.GroupedExecutor``). The same outputs at different speeds (benchmarks/speed.py)."""
+  (``execution.GroupedExecutor``), grouping within windows of ``grouped_window`` images (default
+  8 batches: larger windows make larger groups, and hold that many decoded images in memory).
+  The same outputs at different speeds (benchmarks/speed.py)."""
   batch_size = min(batch_size, len(dataset))
   start = time.perf_counter()
   if mode in ("compact", "masked"):
@@ -74,8 +77,16 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
                        batch_size, desc="policies", progress=progress)
     executor = execution.GroupedExecutor(nets.resnet, max_batch=batch_size)
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-    images = center_crop(to_unit_float(np.asarray(dataset.images)), nets.resnet.image_size)
-    logits = executor(variables, np.asarray(images), policies)
+    window = grouped_window or 8 * batch_size
+
+    def window_logits(first):
+      images = center_crop(to_unit_float(dataset.images[first:first + window]),
+                           nets.resnet.image_size)
+      return executor(variables, np.asarray(images), policies[first:first + window])
+
+    logits = np.concatenate([window_logits(first) for first in tqdm(
+        range(0, len(dataset), window), desc="groups", unit="window", disable=not progress,
+        leave=False)])
   else:
     raise ValueError(f"unknown evaluation mode {mode!r}; use one of {EVAL_MODES}")
   seconds = time.perf_counter() - start

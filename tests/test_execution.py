@@ -185,6 +185,9 @@ def test_every_evaluation_mode_gives_the_same_report(net, test_records):
   reports = [evaluation.blockdrop_report(nets, params, stats, dataset, 16, progress=False, mode=m)
              for m in evaluation.EVAL_MODES]
   assert 0 < reports[0]["blocks_mean"] < spec.num_blocks  # some blocks dropped, not all
+  # Grouped over windows of 16 images (40 = 16 + 16 + 8): the same report as one window.
+  reports.append(evaluation.blockdrop_report(nets, params, stats, dataset, 16, progress=False,
+                                             mode="grouped", grouped_window=16))
   for report in reports[1:]:
     assert report["policies"] == reports[0]["policies"]
     assert report["predictions"] == reports[0]["predictions"]
