@@ -329,7 +329,7 @@ class GroupedExecutor:
     self.buckets = bucket_sizes(max_batch, 1, growth)
     self._blockwise = BlockwiseRunner(spec) if blockwise else None
     self._skip_traces = 0
-    self._skip = compilation.jit(self._group_logits, static_argnums=0)
+    self._skip = {}  # Packing -> jitted group function: the layout is hashed once per call
 
   @property
   def trace_count(self) -> int:
@@ -347,7 +347,9 @@ class GroupedExecutor:
       run = functools.partial(self._blockwise, variables)
     else:
       packed, packing = pack(variables)
-      run = functools.partial(self._skip, packing, packed)
+      if packing not in self._skip:
+        self._skip[packing] = compilation.jit(functools.partial(self._group_logits, packing))
+      run = functools.partial(self._skip[packing], packed)
     pending = [(indices, run(images[indices], policies[indices[0]]))
                for indices in plan_batches(group_by_policy(policies), self.buckets)]
     out = None
