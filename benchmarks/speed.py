@@ -16,6 +16,7 @@ schedule.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import glob
 import os
@@ -70,7 +71,22 @@ def sample_policies(n: int, num_blocks: int, keep: float, unique: int, seed: int
   return pool[rng.integers(0, unique, n)]
 
 
-FULL_MODES = ("full", "full, masked with all kept")
+CONCURRENT_BATCH, IN_FLIGHT = 16, 2  # the full network's third baseline (batch 256 only)
+FULL_MODES = ("full", "full, masked with all kept",
+              f"full, batches of {CONCURRENT_BATCH}, {IN_FLIGHT} in flight")
+
+
+def in_flight(fn, pool, batch: int):
+  """``fn(images, policy)`` over slices of ``batch`` images, each called from one of ``pool``'s
+  threads (as ``GroupedExecutor`` runs its groups): XLA:CPU runs one call per thread at a time,
+  so calls side by side fill cores a single call leaves idle."""
+
+  def run(x, p):
+    futures = [pool.submit(lambda i=i: np.asarray(fn(x[i:i + batch], p[i:i + batch])))
+               for i in range(0, len(x), batch)]
+    return np.concatenate([f.result() for f in futures])
+
+  return run
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
 
@@ -78,39 +94,45 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def inference_rows(spec, variables, images, policies, batch: int, repeats: int) -> list[dict]:
   """One row per mode: the full network first, then each mode under ``policies``.
 
-  The full network is timed two ways, as its own graph and as masked execution with every block
-  kept (same values); speedups are over the faster of the two, so that no compiler effect on one
-  graph (XLA:CPU once ran the plain graph 1.7x slower) flatters the modes. The full network and
-  the jitted modes run through ``execution.Runner`` (weights packed once), as a server would."""
+  The full network is timed as its own graph and as masked execution with every block kept (same
+  values), and at batch 256 also as batches of 16 called side by side from 2 threads, the way the
+  grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
+  effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
+  modes. The full network and the jitted modes run through ``execution.Runner`` (weights packed
+  once), as a server would."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
-  grouped = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
-  grouped_cond = execution.GroupedExecutor(spec, max_batch=batch)
-  grouped_x4 = execution.GroupedExecutor(spec, max_batch=batch, growth=4)
+  grouped = execution.GroupedExecutor(spec, max_batch=batch)
+  grouped_serial = execution.GroupedExecutor(spec, max_batch=batch, workers=1)
+  grouped_blockwise = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
   blockwise = execution.BlockwiseRunner(spec)
   masked, batch_skip, compact = (execution.Runner(mode, spec, variables)
                                  for mode in ("masked", "batch_skip", "compact"))
+  pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
   modes = {
       "full": lambda x, p: masked(x),
       "full, masked with all kept": lambda x, p: masked(x, np.ones_like(p)),
-      "masked": masked,
-      "batch_skip": batch_skip,
-      "compact": compact,
   }
+  if batch > 1:
+    modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), pool, CONCURRENT_BATCH)
+  modes.update(masked=masked, batch_skip=batch_skip, compact=compact)
   if batch == 1:
     # What packing the weights saves: the same mode given the variables dict at every call.
     unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
     modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
   else:
-    # Buckets growing by 4 (the default until session 5) against 2: more batches of 1-4 images.
-    modes["grouped, batch_skip inside, buckets x4"] = lambda x, p: grouped_x4(variables, x, p)
-    modes["grouped, batch_skip inside"] = lambda x, p: grouped_cond(variables, x, p)
-    modes["grouped, blockwise inside"] = lambda x, p: grouped(variables, x, p)
+    modes[f"compact, batches of {batch // 2}, 2 in flight"] = in_flight(compact, pool, batch // 2)
+    modes[f"grouped, batch_skip inside, {grouped.workers} in flight"] = (
+        lambda x, p: grouped(variables, x, p))
+    # What the threads add: the same executor running one batch at a time.
+    modes["grouped, batch_skip inside, 1 in flight"] = lambda x, p: grouped_serial(variables, x, p)
+    modes["grouped, blockwise inside"] = lambda x, p: grouped_blockwise(variables, x, p)
   times = timed_alternately(
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
       repeats)
+  pool.shutdown()
   rows = [{"mode": mode, "seconds": seconds, "images_per_s": len(images) / seconds,
            "first_call_s": first, "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
           for mode, (first, seconds) in times.items()]
@@ -118,7 +140,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   for row in rows:
     row["measured_speedup"] = full_seconds / row["seconds"]
   if batch > 1:
-    for row, executor in zip(rows[-3:], (grouped_x4, grouped_cond, grouped)):
+    for row, executor in zip(rows[-3:], (grouped, grouped_serial, grouped_blockwise)):
       row["compilations"] = executor.trace_count
   return rows
 

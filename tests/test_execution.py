@@ -71,10 +71,12 @@ def test_runner_equals_the_plain_network(net):
   with pytest.raises(ValueError, match="unknown jitted execution mode 'grouped'"):
     execution.Runner("grouped", spec, variables)
 
-@pytest.mark.parametrize("blockwise", [True, False])
-def test_grouped_equals_masked_with_bounded_compilations(net, blockwise):
+@pytest.mark.parametrize("blockwise, workers", [(True, 2), (False, 2), (False, 1)])
+def test_grouped_equals_masked_with_bounded_compilations(net, blockwise, workers):
+  """Also with several batches in flight from threads: the first batch of each size compiles
+  alone, so the threads never compile the same function twice."""
   spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, max_batch=16, blockwise=blockwise)
+  executor = execution.GroupedExecutor(spec, max_batch=16, blockwise=blockwise, workers=workers)
   assert executor.buckets == (1, 2, 4, 8, 16)
   for seed, unique in enumerate((3, 7, None, 5)):
     policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
@@ -84,6 +86,8 @@ def test_grouped_equals_masked_with_bounded_compilations(net, blockwise):
   # per bucket (batch_skip inside), or at most stem + K blocks + K shortcuts + head per bucket.
   per_bucket = 2 * spec.num_blocks + 2 if blockwise else 1
   assert executor.trace_count <= per_bucket * len(executor.buckets)
+  with pytest.raises(ValueError, match="workers must be at least 1"):
+    execution.GroupedExecutor(spec, workers=0)
 
 
 def test_blockwise_batch_one_equals_masked(net):
