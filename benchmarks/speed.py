@@ -102,12 +102,18 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   once), as a server would."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
-  grouped = execution.GroupedExecutor(spec, max_batch=batch)
-  grouped_serial = execution.GroupedExecutor(spec, max_batch=batch, workers=1)
-  grouped_blockwise = execution.GroupedExecutor(spec, max_batch=batch, blockwise=True)
+  grouped = {name: execution.GroupedExecutor(spec, max_batch=batch, **options)
+             for name, options in (
+      (f"grouped, looped inside, {IN_FLIGHT} in flight", dict(workers=IN_FLIGHT)),
+      # What the threads add: one batch at a time.
+      ("grouped, looped inside, 1 in flight", dict(workers=1)),
+      # What the loops add: a cond per block.
+      (f"grouped, batch_skip inside, {IN_FLIGHT} in flight",
+       dict(inner="batch_skip", workers=IN_FLIGHT)),
+      ("grouped, blockwise inside", dict(inner="blockwise")))}
   blockwise = execution.BlockwiseRunner(spec)
-  masked, batch_skip, compact = (execution.Runner(mode, spec, variables)
-                                 for mode in ("masked", "batch_skip", "compact"))
+  masked, batch_skip, looped, compact = (execution.Runner(mode, spec, variables)
+                                         for mode in ("masked", "batch_skip", "looped", "compact"))
   pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
   modes = {
       "full": lambda x, p: masked(x),
@@ -115,7 +121,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   }
   if batch > 1:
     modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), pool, CONCURRENT_BATCH)
-  modes.update(masked=masked, batch_skip=batch_skip, compact=compact)
+  modes.update(masked=masked, batch_skip=batch_skip, looped=looped, compact=compact)
   if batch == 1:
     # What packing the weights saves: the same mode given the variables dict at every call.
     unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
@@ -123,11 +129,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
   else:
     modes[f"compact, batches of {batch // 2}, 2 in flight"] = in_flight(compact, pool, batch // 2)
-    modes[f"grouped, batch_skip inside, {grouped.workers} in flight"] = (
-        lambda x, p: grouped(variables, x, p))
-    # What the threads add: the same executor running one batch at a time.
-    modes["grouped, batch_skip inside, 1 in flight"] = lambda x, p: grouped_serial(variables, x, p)
-    modes["grouped, blockwise inside"] = lambda x, p: grouped_blockwise(variables, x, p)
+    for name, executor in grouped.items():
+      modes[name] = functools.partial(executor, variables)
   times = timed_alternately(
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
@@ -139,9 +142,9 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   full_seconds = min(row["seconds"] for row in rows if row["mode"] in FULL_MODES)
   for row in rows:
     row["measured_speedup"] = full_seconds / row["seconds"]
-  if batch > 1:
-    for row, executor in zip(rows[-3:], (grouped, grouped_serial, grouped_blockwise)):
-      row["compilations"] = executor.trace_count
+  for row in rows:
+    if row["mode"] in grouped:
+      row["compilations"] = grouped[row["mode"]].trace_count
   return rows
 
 

@@ -23,9 +23,10 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
                and "bias logit" not in line]
   modes = {line.split(" | ")[2].split(" (")[0] for line in inference}
   assert modes >= {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
-                   "masked", "batch_skip", "compact", "compact, batches of 4, 2 in flight",
-                   "blockwise", "grouped, batch_skip inside, 2 in flight",
-                   "grouped, batch_skip inside, 1 in flight", "grouped, blockwise inside"}
+                   "masked", "batch_skip", "looped", "compact",
+                   "compact, batches of 4, 2 in flight", "blockwise",
+                   "grouped, looped inside, 2 in flight", "grouped, looped inside, 1 in flight",
+                   "grouped, batch_skip inside, 2 in flight", "grouped, blockwise inside"}
   # Speedups are over the faster way of running the full network, so that one reads 1.00.
   full_rows = [line.split(" | ") for line in inference if line.split(" | ")[2].startswith("full")]
   assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"

@@ -37,6 +37,24 @@ def test_batch_skip_equals_masked(net):
                              atol=TOL)
 
 
+def test_looped_skip_equals_masked(net):
+  """Runs of blocks as loops over stacked weights: per-example policies, a block nobody runs, and
+  a whole run nobody runs (its loop runs zero times)."""
+  spec, variables, images = net
+  assert execution.block_runs(spec) == [(0, 3), (3, 1), (4, 2), (6, 1), (7, 2)]
+  assert execution.block_runs(resnet.make_spec("cifar_resnet110")) == [
+      (0, 18), (18, 1), (19, 17), (36, 1), (37, 17)]
+  assert execution.block_runs(resnet.make_spec("imagenet_resnet50")) == [
+      (0, 1), (1, 2), (3, 1), (4, 3), (7, 1), (8, 5), (13, 1), (14, 2)]
+  stacked = execution.stack_runs(spec, variables)
+  assert {"block0", "block4", "block7"} <= set(stacked["params"]) and "block1" not in stacked["params"]
+  policy = _policies(len(images), spec.num_blocks, seed=5)
+  policy[:, 1] = 0.0
+  policy[:, 4:6] = 0.0
+  np.testing.assert_allclose(execution.run("looped", spec, variables, images, policy),
+                             execution.run("masked", spec, variables, images, policy), atol=TOL)
+
+
 def test_batch_one_runs_each_images_own_blocks(net):
   spec, variables, images = net
   policy = _policies(8, spec.num_blocks, seed=1)
@@ -62,7 +80,7 @@ def test_runner_equals_the_plain_network(net):
   unpacked = jax.jit(lambda x, p: resnet.apply(spec, variables, x, p))
   np.testing.assert_allclose(execution.Runner("masked", spec, variables)(images[:16]),
                              unpacked(images[:16], None), atol=TOL)
-  for mode in ("masked", "batch_skip", "compact"):
+  for mode in ("masked", "batch_skip", "looped", "compact"):
     runner = execution.Runner(mode, spec, variables)
     np.testing.assert_allclose(runner(images[:16], policy), unpacked(images[:16], policy),
                                atol=TOL, err_msg=mode)
@@ -71,12 +89,13 @@ def test_runner_equals_the_plain_network(net):
   with pytest.raises(ValueError, match="unknown jitted execution mode 'grouped'"):
     execution.Runner("grouped", spec, variables)
 
-@pytest.mark.parametrize("blockwise, workers", [(True, 2), (False, 2), (False, 1)])
-def test_grouped_equals_masked_with_bounded_compilations(net, blockwise, workers):
-  """Also with several batches in flight from threads: the first batch of each size compiles
-  alone, so the threads never compile the same function twice."""
+
+@pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 2),
+                                            ("blockwise", 2)])
+def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
+  """Also with several batches in flight from threads: still one compilation per bucket size."""
   spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, max_batch=16, blockwise=blockwise, workers=workers)
+  executor = execution.GroupedExecutor(spec, max_batch=16, inner=inner, workers=workers)
   assert executor.buckets == (1, 2, 4, 8, 16)
   for seed, unique in enumerate((3, 7, None, 5)):
     policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
@@ -84,10 +103,12 @@ def test_grouped_equals_masked_with_bounded_compilations(net, blockwise, workers
                                execution.run("masked", spec, variables, images, policy), atol=TOL)
   # Dozens of distinct policies, yet compilations are bounded by the bucket sizes: one function
   # per bucket (batch_skip inside), or at most stem + K blocks + K shortcuts + head per bucket.
-  per_bucket = 2 * spec.num_blocks + 2 if blockwise else 1
+  per_bucket = 2 * spec.num_blocks + 2 if inner == "blockwise" else 1
   assert executor.trace_count <= per_bucket * len(executor.buckets)
   with pytest.raises(ValueError, match="workers must be at least 1"):
     execution.GroupedExecutor(spec, workers=0)
+  with pytest.raises(ValueError, match="unknown inner mode 'compact'"):
+    execution.GroupedExecutor(spec, inner="compact")
 
 
 def test_blockwise_batch_one_equals_masked(net):
@@ -200,10 +221,11 @@ def test_every_evaluation_mode_gives_the_same_report(net, test_records):
 
 def test_modes_handle_projection_shortcuts():
   """ImageNet nets drop blocks onto a 1x1 projection shortcut (CIFAR ones onto option A)."""
-  spec = resnet.make_spec("imagenet_resnet10", num_classes=5)
+  spec = resnet.make_spec("imagenet_resnet18", num_classes=5)  # blocks 0-1 loop in grouped
   variables = resnet.init(spec, jax.random.key(0), image_size=64)
   images = np.asarray(jax.random.uniform(jax.random.key(1), (4, 64, 64, 3)))
-  policy = np.array([[1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]], np.float32)
+  policy = np.array([[1, 0, 0, 1, 1, 0, 0, 1], [0, 1, 0, 1, 1, 1, 0, 0],
+                     [1, 1, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 1, 0, 1]], np.float32)
   masked = execution.run("masked", spec, variables, images, policy)
   for mode in ("batch_skip", "compact", "grouped"):
     np.testing.assert_allclose(execution.run(mode, spec, variables, images, policy), masked,
