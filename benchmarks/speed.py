@@ -87,6 +87,8 @@ def in_flight(fn, pool, batch: int):
     return np.concatenate([f.result() for f in futures])
 
   return run
+
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
 

@@ -24,8 +24,9 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
             progress: bool = True, in_flight: int = IN_FLIGHT) -> list[np.ndarray]:
   """Runs ``fn(*batch)`` over fixed-size batches (the last one padded, so it compiles once),
   ``in_flight`` of them at once from threads: XLA:CPU runs one call per thread at a time and
-  leaves cores idle between and inside calls (ResNet-110 compact inference at 35% kept: 715
-  against 677 images/s, ResNet-32: 2062 against 1704; benchmarks/speed.py, docs/results.md).
+  leaves cores idle between and inside calls (compact inference at 35% kept, 256 images as two
+  batches in flight against one call: ResNet-110 0.85-0.89 against 0.80-0.84 of the FLOPs
+  speedup, docs/results.md runs I-K).
   At most ``in_flight`` batches wait, so memory stays bounded on streamed datasets."""
   n = len(arrays[0])
 

@@ -396,10 +396,10 @@ class GroupedExecutor:
   equal to masked execution. Each group runs through ``inner``: "looped" (the default) or
   "batch_skip", one compiled function per bucket size (weights laid out and packed once per
   call), or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size). On
-  ResNet-110 the looped function compiles in 5 s against 33 s for ``batch_skip``'s ``cond`` per
-  block, and at 35% kept ran grouped inference at 0.91 of the FLOPs speedup against 0.88
-  (scratch runs, 2 in flight). Buckets grow by ``growth``: 2 cuts groups into fewer tiny batches
-  than 4 (a group of 15 runs as 8 + 4 + 2 + 1, not 4 + 4 + 4 + 1 + 1 + 1).
+  ResNet-110 the looped functions compile in 5-6 s against 29-40 s for ``batch_skip``'s ``cond``
+  per block, and run as fast within the noise (docs/results.md, runs I-K). Buckets grow by
+  ``growth``: 2 cuts groups into fewer tiny batches than 4 (a group of 15 runs as 8 + 4 + 2 + 1,
+  not 4 + 4 + 4 + 1 + 1 + 1).
 
   ``workers`` batches are in flight at once, each called from its own thread. XLA:CPU runs one
   call at a time per thread, and a batch of 1-4 images leaves cores idle: on the 2-core
