@@ -43,7 +43,7 @@ def parse_args(argv=None):
                  help="workdir: write figures and report.md (what the policy learned) into DIR")
   p.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",
                  help="with --report: more runs (e.g. other penalties) for the trade-off figure")
-  p.add_argument("--batch-size", type=int, default=250)
+  p.add_argument("--batch-size", type=cli.positive_int, default=250)
   p.add_argument("--json", default=None, help="write the results and per-image outputs here")
   return p.parse_args(argv)
 

@@ -25,8 +25,8 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
   """Runs ``fn(*batch)`` over fixed-size batches (the last one padded, so it compiles once),
   ``in_flight`` of them at once from threads: XLA:CPU runs one call per thread at a time and
   leaves cores idle between and inside calls (compact inference at 35% kept, 256 images as two
-  batches in flight against one call: ResNet-110 0.85-0.89 against 0.80-0.84 of the FLOPs
-  speedup, docs/results.md runs I-K).
+  batches in flight against one call: ResNet-110 0.85-0.89 against 0.73-0.84 of the FLOPs
+  speedup, docs/results.md runs I-L).
   At most ``in_flight`` batches wait, so memory stays bounded on streamed datasets."""
   n = len(arrays[0])
 
@@ -83,6 +83,9 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
   (``execution.GroupedExecutor``), grouping within windows of ``grouped_window`` images (default
   8 batches: larger windows make larger groups, and hold that many decoded images in memory).
   The same outputs at different speeds (benchmarks/speed.py)."""
+  if batch_size < 1 or (grouped_window is not None and grouped_window < 1):
+    raise ValueError(f"batch_size ({batch_size}) and grouped_window ({grouped_window}) must be "
+                     "at least 1")
   batch_size = min(batch_size, len(dataset))
   start = time.perf_counter()
   if mode in ("compact", "masked"):

@@ -397,7 +397,7 @@ class GroupedExecutor:
   "batch_skip", one compiled function per bucket size (weights laid out and packed once per
   call), or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size). On
   ResNet-110 the looped functions compile in 5-6 s against 29-40 s for ``batch_skip``'s ``cond``
-  per block, and run as fast within the noise (docs/results.md, runs I-K). Buckets grow by
+  per block, and run as fast within the noise (docs/results.md, runs I-L). Buckets grow by
   ``growth``: 2 cuts groups into fewer tiny batches than 4 (a group of 15 runs as 8 + 4 + 2 + 1,
   not 4 + 4 + 4 + 1 + 1 + 1).
 

@@ -68,3 +68,11 @@ def test_depth_mismatch(shared_data, test_records):
 def test_unknown_architecture(shared_data, test_records):
   _one_line_error(run_evaluate("--checkpoint", akamaster_file(shared_data, 20), "--data", test_records,
                                "--arch", "resnet33"), "unknown architecture 'resnet33'")
+
+
+def test_batch_size_must_be_positive(test_records, capsys):
+  import evaluate
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.parse_args(["--checkpoint", "x.th", "--data", test_records, "--batch-size", "0"])
+  assert exit_info.value.code == 2
+  assert "--batch-size: expected a whole number of at least 1, got '0'" in capsys.readouterr().err

@@ -217,6 +217,8 @@ def test_every_evaluation_mode_gives_the_same_report(net, test_records):
     assert report["policies"] == reports[0]["policies"]
     assert report["predictions"] == reports[0]["predictions"]
     np.testing.assert_allclose(report["confidence"], reports[0]["confidence"], atol=1e-4)
+  with pytest.raises(ValueError, match="must be at least 1"):
+    evaluation.blockdrop_report(nets, params, stats, dataset, 16, mode="grouped", grouped_window=0)
 
 
 def test_modes_handle_projection_shortcuts():
