@@ -16,7 +16,6 @@ schedule.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import glob
 import os
@@ -31,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import (compilation, configs, convert, data, execution, flops,  # noqa: E402
-                           steps, trainer)
+from blockdrop_jax import (compilation, configs, convert, data, evaluation,  # noqa: E402
+                           execution, flops, steps, trainer)
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -76,17 +75,10 @@ FULL_MODES = ("full", "full, masked with all kept",
               f"full, batches of {CONCURRENT_BATCH}, {IN_FLIGHT} in flight")
 
 
-def in_flight(fn, pool, batch: int):
-  """``fn(images, policy)`` over slices of ``batch`` images, each called from one of ``pool``'s
-  threads (as ``GroupedExecutor`` runs its groups): XLA:CPU runs one call per thread at a time,
-  so calls side by side fill cores a single call leaves idle."""
-
-  def run(x, p):
-    futures = [pool.submit(lambda i=i: np.asarray(fn(x[i:i + batch], p[i:i + batch])))
-               for i in range(0, len(x), batch)]
-    return np.concatenate([f.result() for f in futures])
-
-  return run
+def in_flight(fn, batch: int):
+  """``fn(images, policy)`` over batches of ``batch`` images, ``IN_FLIGHT`` at once from
+  threads, as ``evaluate.py`` runs its batches (``evaluation.batched``)."""
+  return lambda x, p: evaluation.batched(fn, (x, p), batch, progress=False, in_flight=IN_FLIGHT)
 
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -116,13 +108,12 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   blockwise = execution.BlockwiseRunner(spec)
   masked, batch_skip, looped, compact = (execution.Runner(mode, spec, variables)
                                          for mode in ("masked", "batch_skip", "looped", "compact"))
-  pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
   modes = {
       "full": lambda x, p: masked(x),
       "full, masked with all kept": lambda x, p: masked(x, np.ones_like(p)),
   }
   if batch > 1:
-    modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), pool, CONCURRENT_BATCH)
+    modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), CONCURRENT_BATCH)
   modes.update(masked=masked, batch_skip=batch_skip, looped=looped, compact=compact)
   if batch == 1:
     # What packing the weights saves: the same mode given the variables dict at every call.
@@ -130,14 +121,14 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
     modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
   else:
-    modes[f"compact, batches of {batch // 2}, 2 in flight"] = in_flight(compact, pool, batch // 2)
+    modes[f"compact, batches of {batch // 2}, {IN_FLIGHT} in flight"] = in_flight(compact,
+                                                                             batch // 2)
     for name, executor in grouped.items():
       modes[name] = functools.partial(executor, variables)
   times = timed_alternately(
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
       repeats)
-  pool.shutdown()
   rows = [{"mode": mode, "seconds": seconds, "images_per_s": len(images) / seconds,
            "first_call_s": first, "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
           for mode, (first, seconds) in times.items()]
