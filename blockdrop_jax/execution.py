@@ -289,6 +289,12 @@ _APPLY = {"masked": masked_apply, "batch_skip": batch_skip_apply, "looped": loop
 _PREPARE = {"looped": stack_runs}
 
 
+def _laid_out_and_packed(mode: str, spec: ResNetSpec, variables) -> tuple[tuple, Packing]:
+  """``pack`` of ``variables`` in the layout ``mode`` runs on."""
+  prepare = _PREPARE.get(mode)
+  return pack(prepare(spec, variables) if prepare else variables)
+
+
 @functools.cache
 def _compiled(mode: str, spec: ResNetSpec, packing: Packing):
   """``mode`` of ``spec`` jitted over packed weights, shared by every ``Runner`` of that layout
@@ -308,9 +314,7 @@ class Runner:
   def __init__(self, mode: str, spec: ResNetSpec, variables):
     if mode not in _APPLY:
       raise ValueError(f"unknown jitted execution mode {mode!r}; choose one of {tuple(_APPLY)}")
-    if mode in _PREPARE:
-      variables = _PREPARE[mode](spec, variables)
-    self._packed, packing = pack(variables)
+    self._packed, packing = _laid_out_and_packed(mode, spec, variables)
     self._apply = _compiled(mode, spec, packing)
 
   def __call__(self, images, policy: Optional[Any] = None):
@@ -440,8 +444,7 @@ class GroupedExecutor:
     if self._blockwise:
       run = functools.partial(self._blockwise, variables)
     else:
-      prepare = _PREPARE.get(self.inner)
-      packed, key = pack(prepare(self.spec, variables) if prepare else variables)
+      packed, key = _laid_out_and_packed(self.inner, self.spec, variables)
       if key not in self._group_fns:
         self._group_fns[key] = compilation.jit(functools.partial(self._group_logits, key))
       run = functools.partial(self._group_fns[key], packed)
