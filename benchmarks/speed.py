@@ -7,8 +7,9 @@ BlockDrop policies are few and shared by many images; the original R110 uses 469
 images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values). Reported: images/s (median of ``--repeats`` timed runs after
 a warm-up; the modes of a table take turns in each run, so the machine's drifts hit them alike),
-compile time, the FLOPs speedup and the measured speedup over the full network (the faster of its
-plain graph and masked execution with every block kept), and the curriculum step (the trainer's
+compile time, the FLOPs speedup and the measured speedup over the full network (the fastest of
+its plain graph, masked execution with every block kept and, at batch 256, batches of 16 two in
+flight), and the curriculum step (the trainer's
 optimiser) with the original's two masked passes and with compact passes, averaged over the
 schedule.
 """
