@@ -1,11 +1,12 @@
 """Wall-clock speed of the execution modes against the full network, in one run on this machine.
 
   python benchmarks/speed.py [--nets cifar_resnet32 cifar_resnet110] [--keep 0.35] [--repeats 5]
+      [--imagenet-nets imagenet_resnet101] [--imagenet-images 8]
 
 Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``--keep`` (trained
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
 images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
-(speed does not depend on the values). Reported: images/s (median of ``--repeats`` timed runs after
+(speed does not depend on the values). ImageNet nets run at batch 1 only, on random 224 px images. Reported: images/s (median of ``--repeats`` timed runs after
 a warm-up; the modes of a table take turns in each run, so the machine's drifts hit them alike),
 compile time, the FLOPs speedup and the measured speedup over the full network (the fastest of
 its plain graph, masked execution with every block kept and, at batch 256, batches of 16 two in
@@ -192,6 +193,15 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   return rows
 
 
+def print_rows(name: str, batch: int, rows: list[dict]) -> None:
+  for row in rows:
+    ratio = row["measured_speedup"] / row["flops_speedup"]
+    extra = f" ({row['compilations']} compilations)" if "compilations" in row else ""
+    print(f"| {name} | {batch} | {row['mode']}{extra} | {row['images_per_s']:.1f} | "
+          f"{row['flops_speedup']:.2f} | {row['measured_speedup']:.2f} | {ratio:.2f} | "
+          f"{row['first_call_s']:.1f} |", flush=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--nets", nargs="+", default=["cifar_resnet32", "cifar_resnet110"])
@@ -199,6 +209,10 @@ def main(argv=None) -> int:
   p.add_argument("--unique-policies", type=int, default=16)
   p.add_argument("--images", type=int, default=256)
   p.add_argument("--batch-1-images", type=int, default=32)
+  p.add_argument("--imagenet-nets", nargs="*", default=["imagenet_resnet101"],
+                 help="ImageNet nets timed at batch 1 only (random weights and 224 px images); "
+                      "none: skip")
+  p.add_argument("--imagenet-images", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
@@ -224,15 +238,18 @@ def main(argv=None) -> int:
     policies = sample_policies(args.images, spec.num_blocks, args.keep, args.unique_policies)
     for batch, n in () if args.only_curriculum else ((1, args.batch_1_images),
                                                      (args.images, args.images)):
-      for row in inference_rows(spec, variables, x_all[:n], policies[:n], batch, args.repeats):
-        ratio = row["measured_speedup"] / row["flops_speedup"]
-        extra = f" ({row['compilations']} compilations)" if "compilations" in row else ""
-        print(f"| {name} | {batch} | {row['mode']}{extra} | {row['images_per_s']:.1f} | "
-              f"{row['flops_speedup']:.2f} | {row['measured_speedup']:.2f} | {ratio:.2f} | "
-              f"{row['first_call_s']:.1f} |", flush=True)
+      print_rows(name, batch, inference_rows(spec, variables, x_all[:n], policies[:n], batch,
+                                             args.repeats))
     for keep in args.curriculum_keep:
       curriculum += curriculum_rows(spec, variables, images, labels, args.curriculum_batch,
                                     args.repeats, args.curriculum_points, keep)
+  for name in () if args.only_curriculum else args.imagenet_nets:
+    spec = resnet.make_spec(name)
+    variables = resnet.init(spec, jax.random.key(0))
+    n = args.imagenet_images
+    x = np.random.default_rng(0).random((n, spec.image_size, spec.image_size, 3), np.float32)
+    policies = sample_policies(n, spec.num_blocks, args.keep, args.unique_policies)
+    print_rows(name, 1, inference_rows(spec, variables, x, policies, 1, args.repeats))
   if not curriculum:
     return 0
   print("\n| net | policy | curriculum passes | images/s (schedule mean) | per k | blocks run | "

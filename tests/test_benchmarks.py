@@ -17,7 +17,8 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   speed = _load("speed")
   assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--unique-policies", "2", "--curriculum-batch", "8",
-                     "--curriculum-points", "2", "--curriculum-keep", "0.5"]) == 0
+                     "--curriculum-points", "2", "--curriculum-keep", "0.5",
+                     "--imagenet-nets", "imagenet_resnet10", "--imagenet-images", "1"]) == 0
   lines = capsys.readouterr().out.splitlines()
   inference = [line for line in lines if line.startswith("| cifar_resnet20 | ")
                and "bias logit" not in line]
@@ -30,6 +31,8 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   # Speedups are over the faster way of running the full network, so that one reads 1.00.
   full_rows = [line.split(" | ") for line in inference if line.split(" | ")[2].startswith("full")]
   assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"
+  imagenet = [line.split(" | ") for line in lines if line.startswith("| imagenet_resnet10 | ")]
+  assert {row[1] for row in imagenet} == {"1"} and "batch_skip" in {row[2] for row in imagenet}
   curriculum = [line for line in lines if "bias logit(0.5)" in line]
   assert [line.split(" | ")[2] for line in curriculum] == ["masked", "compact"]
 
