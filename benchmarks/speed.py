@@ -180,7 +180,8 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
     for p in passes:
       per_k[p].append(times[p][1])
   # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
-  # ramp, i.e. a schedule of 2K epochs (the configs here run about that long).
+  # ramp, i.e. a schedule of 2K epochs, as the subset configs run. The original's 5000-epoch
+  # schedules (configs/r110_c10.py) spend nearly every epoch at k = K: its per-k entry.
   weights = np.array([(K - 1) / (len(ks) - 1)] * (len(ks) - 1) + [K + 1]) if len(ks) > 1 \
       else np.ones(1)
   rows = []
