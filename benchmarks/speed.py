@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import (compilation, configs, convert, data, evaluation,  # noqa: E402
-                           execution, flops, steps, trainer)
+from blockdrop_jax import (cli, compilation, configs, convert, data,  # noqa: E402
+                           evaluation, execution, flops, steps, trainer)
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
   p.add_argument("--imagenet-nets", nargs="*", default=["imagenet_resnet101"],
                  help="ImageNet nets timed at batch 1 only (random weights and 224 px images); "
                       "none: skip")
-  p.add_argument("--imagenet-images", type=int, default=8)
+  p.add_argument("--imagenet-images", type=cli.positive_int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
