@@ -154,12 +154,15 @@ def looped_skip_apply(spec: ResNetSpec, stacked_variables, images, policy):
   return _head(spec, stacked_variables, x)
 
 
-def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
+def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int,
+                   leading: Optional[tuple[int, Any]] = None):
   """Block t run on only the rows that keep it (``keep``: (rows,) bool, rows a multiple of
   ``chunk``): the kept rows are gathered ``chunk`` at a time, run through the block and written
   back in place, in a loop whose trip count is a batch-level number, so dropped rows cost
   nothing. A remainder of at most ``chunk // 2`` rows runs as one chunk of that size, which halves
   the rows computed in vain (ResNet-110 at 35% kept: 0.81-0.83 -> 0.86 of the FLOPs speedup).
+  ``leading`` = (n, run): where ``run`` (a traced bool) holds, the first n rows also run the
+  block, as one batch (``keep`` must then be False for them).
 
   Rows stay in input order, so no other row moves. Inference mode only: BatchNorm in training mode
   would see batch statistics of chunks."""
@@ -179,12 +182,21 @@ def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int):
 
     return jax.lax.fori_loop(0, count, run_chunk, out)
 
+  out = _shortcut(spec, variables, t, x)
+  if leading is not None:
+    rows, run = leading
+
+    def run_leading(_, out):
+      kept = _block(spec, variables, t, (out if reads_output else x)[:rows])[1]
+      return jax.lax.dynamic_update_slice_in_dim(out, kept, 0, axis=0)
+
+    out = jax.lax.fori_loop(0, run.astype(jnp.int32), run_leading, out)
   kept_rows = jnp.sum(keep)
   half = chunk // 2
   rest = kept_rows % chunk
   small_rest = ((rest > 0) & (rest <= half)).astype(kept_rows.dtype) if half else 0
   chunks = (kept_rows + chunk - 1) // chunk - small_rest
-  out = run_chunks(_shortcut(spec, variables, t, x), 0, chunks, chunk)
+  out = run_chunks(out, 0, chunks, chunk)
   return run_chunks(out, chunks * chunk, small_rest, half) if half else out
 
 
@@ -210,27 +222,34 @@ def compact_apply(spec: ResNetSpec, variables, images, policy, chunk: int = COMP
 def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced,
                     chunk: int = COMPACT_CHUNK):
   """Logits under the curriculum's greedy and sampled policies, which keep the same first
-  ``num_forced`` blocks (all of them): the stem and that prefix run once, on the batch; then both
-  passes run as one batch of 2 x batch rows in which each block computes only the rows that keep
-  it (``_compact_block``). Equal to two masked passes.
+  ``num_forced`` blocks (all of them): the stem and that prefix run once, on the greedy rows;
+  then both passes run as one batch of 2 x batch rows in which each block computes only the rows
+  that keep it (``_compact_block``). Equal to two masked passes.
 
+  Through the prefix each block runs once on the greedy rows, as one batch, while the sampled rows
+  sit idle; they copy the greedy rows where the prefix ends. Both are loops of 0 or 1 trips: a
+  ``cond`` per block choosing between a prefix block and a decided one made XLA copy the whole
+  activation of 2 x batch rows into it at every block (docs/results.md, session 8).
   ``num_forced`` may be traced, so one compilation serves the whole curriculum."""
   batch = images.shape[0]
-  resnet.check_policy(greedy, batch, spec.num_blocks)
-  resnet.check_policy(sampled, batch, spec.num_blocks)
+  K = spec.num_blocks
+  resnet.check_policy(greedy, batch, K)
+  resnet.check_policy(sampled, batch, K)
   chunk = min(chunk, 2 * batch)
+  num_forced = jnp.minimum(num_forced, K)
+  decided = jnp.arange(K) >= num_forced
+  keep = jnp.concatenate([greedy > 0.5, sampled > 0.5]) & decided
   x = _stem(spec, variables, images)
-  x, keep = _pad_rows(jnp.concatenate([x, x]), jnp.concatenate([greedy, sampled]) > 0.5, chunk)
-  for t in range(spec.num_blocks):
-    def forced(x, t=t):
-      kept = _block(spec, variables, t, x[:batch])[1]
-      padding = _shortcut(spec, variables, t, x[2 * batch:])
-      return jnp.concatenate([kept, kept, padding])
+  x, keep = _pad_rows(jnp.concatenate([x, x]), keep, chunk)
 
-    def decided(x, t=t):
-      return _compact_block(spec, variables, t, x, keep[:, t], chunk)
+  def sampled_rows_from_greedy(_, x):
+    return jax.lax.dynamic_update_slice_in_dim(x, x[:batch], batch, axis=0)
 
-    x = jax.lax.cond(t < num_forced, forced, decided, x)
+  for t in range(K + 1):
+    # Where the prefix ends (before block num_forced, or before the head if every block is forced).
+    x = jax.lax.fori_loop(0, (t == num_forced).astype(jnp.int32), sampled_rows_from_greedy, x)
+    if t < K:
+      x = _compact_block(spec, variables, t, x, keep[:, t], chunk, leading=(batch, ~decided[t]))
   logits = _head(spec, variables, x)
   return logits[:batch], logits[batch:2 * batch]
 

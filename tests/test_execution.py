@@ -164,7 +164,7 @@ def test_curriculum_pair_equals_two_masked_passes(net):
   batch = 13  # the 26 rows of both passes are padded to 32, two chunks of 16
   greedy, sampled = _policies(batch, K, seed=2), _policies(batch, K, seed=3)
   pair = jax.jit(execution.curriculum_pair, static_argnums=0)
-  for k in (1, 4, K):
+  for k in (0, 1, 4, K):  # k = 0: every block forced, the sampled rows copied before the head
     mask = np.arange(K) >= K - k
     g, s = np.where(mask, greedy, 1.0), np.where(mask, sampled, 1.0)
     ours = pair(spec, variables, images[:batch], g, s, K - k)
