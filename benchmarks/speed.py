@@ -99,7 +99,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   once), as a server would."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
-  grouped = {name: execution.GroupedExecutor(spec, max_batch=batch, **options)
+  grouped = {name: execution.GroupedExecutor(spec, variables, max_batch=batch, **options)
              for name, options in (
       (f"grouped, looped inside, {IN_FLIGHT} in flight", dict(workers=IN_FLIGHT)),
       # What the threads add: one batch at a time.
@@ -126,8 +126,7 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   else:
     modes[f"compact, batches of {batch // 2}, {IN_FLIGHT} in flight"] = in_flight(compact,
                                                                              batch // 2)
-    for name, executor in grouped.items():
-      modes[name] = functools.partial(executor, variables)
+    modes.update(grouped)
   times = timed_alternately(
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},

@@ -96,14 +96,14 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
   elif mode == "grouped":
     policies = batched(lambda x: _greedy_policy(nets, params, stats, x, k), (dataset.images,),
                        batch_size, desc="policies", progress=progress)
-    executor = execution.GroupedExecutor(nets.resnet, max_batch=batch_size)
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
+    executor = execution.GroupedExecutor(nets.resnet, variables, max_batch=batch_size)
     window = grouped_window or 8 * batch_size
 
     def window_logits(first):
       images = center_crop(to_unit_float(dataset.images[first:first + window]),
                            nets.resnet.image_size)
-      return executor(variables, np.asarray(images), policies[first:first + window])
+      return executor(np.asarray(images), policies[first:first + window])
 
     logits = np.concatenate([window_logits(first) for first in tqdm(
         range(0, len(dataset), window), desc="groups", unit="window", disable=not progress,

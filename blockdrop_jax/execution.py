@@ -415,10 +415,11 @@ class BlockwiseRunner:
 class GroupedExecutor:
   """Policy-grouped batched inference with a bounded number of compilations.
 
-  ``__call__(variables, images, policies)`` returns the logits of every image in input order,
-  equal to masked execution. Each group runs through ``inner``: "looped" (the default) or
-  "batch_skip", one compiled function per bucket size (weights laid out and packed once per
-  call), or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size). On
+  ``GroupedExecutor(spec, variables)(images, policies)`` returns the logits of every image in
+  input order, equal to masked execution. Each group runs through ``inner``: "looped" (the
+  default) or "batch_skip", one compiled function per bucket size (the weights laid out and packed
+  once, when the executor is built, as ``Runner`` does: 8 ms per call for ResNet-110 otherwise),
+  or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size). On
   ResNet-110 the looped functions compile in 5-6 s against 29-40 s for ``batch_skip``'s ``cond``
   per block, and run as fast within the noise (docs/results.md, runs I-L). Buckets grow by
   ``growth``: 2 cuts groups into fewer tiny batches than 4 (a group of 15 runs as 8 + 4 + 2 + 1,
@@ -433,7 +434,7 @@ class GroupedExecutor:
 
   INNER = ("looped", "batch_skip", "blockwise")
 
-  def __init__(self, spec: ResNetSpec, max_batch: int = 256, growth: int = 2,
+  def __init__(self, spec: ResNetSpec, variables, max_batch: int = 256, growth: int = 2,
                inner: str = "looped", workers: int = 2):
     if inner not in self.INNER:
       raise ValueError(f"unknown inner mode {inner!r} for grouped execution; choose one of "
@@ -444,9 +445,15 @@ class GroupedExecutor:
     self.buckets = bucket_sizes(max_batch, 1, growth)
     self.inner = inner
     self.workers = workers
-    self._blockwise = BlockwiseRunner(spec) if inner == "blockwise" else None
     self._group_traces = 0
-    self._group_fns = {}  # Packing -> jitted group function: the layout is hashed once per call
+    if inner == "blockwise":
+      self._blockwise = BlockwiseRunner(spec)
+      self._run = functools.partial(self._blockwise, variables)
+    else:
+      self._blockwise = None
+      packed, packing = _laid_out_and_packed(inner, spec, variables)
+      self._run = functools.partial(
+          compilation.jit(functools.partial(self._group_logits, packing)), packed)
 
   @property
   def trace_count(self) -> int:
@@ -457,19 +464,12 @@ class GroupedExecutor:
     policy = jnp.broadcast_to(policy_row, (images.shape[0], policy_row.shape[0]))
     return _APPLY[self.inner](self.spec, unpack(packed, packing), images, policy)
 
-  def __call__(self, variables, images: np.ndarray, policies: np.ndarray) -> np.ndarray:
+  def __call__(self, images: np.ndarray, policies: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     policies = np.asarray(policies, np.float32)
-    if self._blockwise:
-      run = functools.partial(self._blockwise, variables)
-    else:
-      packed, key = _laid_out_and_packed(self.inner, self.spec, variables)
-      if key not in self._group_fns:
-        self._group_fns[key] = compilation.jit(functools.partial(self._group_logits, key))
-      run = functools.partial(self._group_fns[key], packed)
 
     def logits(indices):
-      return run(images[indices], policies[indices[0]])
+      return self._run(images[indices], policies[indices[0]])
 
     def waited_logits(indices):  # a worker waits for its batch before it takes the next
       return np.asarray(logits(indices))
@@ -499,8 +499,8 @@ def run(mode: str, spec: ResNetSpec, variables, images, policy):
   if mode in _APPLY:
     return Runner(mode, spec, variables)(images, policy)
   if mode == "grouped":
-    return GroupedExecutor(spec, max_batch=len(images))(variables, images, policy)
+    return GroupedExecutor(spec, variables, max_batch=len(images))(images, policy)
   if mode == "blockwise":
-    return GroupedExecutor(spec, max_batch=len(images), inner="blockwise")(variables, images,
-                                                                          policy)
+    return GroupedExecutor(spec, variables, max_batch=len(images), inner="blockwise")(images,
+                                                                                     policy)
   raise ValueError(f"unknown execution mode {mode!r}; choose one of {MODES}")

@@ -95,20 +95,20 @@ def test_runner_equals_the_plain_network(net):
 def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
   """Also with several batches in flight from threads: still one compilation per bucket size."""
   spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, max_batch=16, inner=inner, workers=workers)
+  executor = execution.GroupedExecutor(spec, variables, max_batch=16, inner=inner, workers=workers)
   assert executor.buckets == (1, 2, 4, 8, 16)
   for seed, unique in enumerate((3, 7, None, 5)):
     policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
-    np.testing.assert_allclose(executor(variables, images, policy),
+    np.testing.assert_allclose(executor(images, policy),
                                execution.run("masked", spec, variables, images, policy), atol=TOL)
   # Dozens of distinct policies, yet compilations are bounded by the bucket sizes: one function
   # per bucket (batch_skip inside), or at most stem + K blocks + K shortcuts + head per bucket.
   per_bucket = 2 * spec.num_blocks + 2 if inner == "blockwise" else 1
   assert executor.trace_count <= per_bucket * len(executor.buckets)
   with pytest.raises(ValueError, match="workers must be at least 1"):
-    execution.GroupedExecutor(spec, workers=0)
+    execution.GroupedExecutor(spec, variables, workers=0)
   with pytest.raises(ValueError, match="unknown inner mode 'compact'"):
-    execution.GroupedExecutor(spec, inner="compact")
+    execution.GroupedExecutor(spec, variables, inner="compact")
 
 
 def test_blockwise_batch_one_equals_masked(net):
