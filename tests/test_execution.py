@@ -111,6 +111,19 @@ def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
     execution.GroupedExecutor(spec, variables, inner="compact")
 
 
+def test_grouped_packs_the_weights_once(net, monkeypatch):
+  """Packing ResNet-110's weights costs 8 ms: done when the executor is built, not per call."""
+  spec, variables, images = net
+  packed = []
+  pack = execution.pack
+  monkeypatch.setattr(execution, "pack", lambda tree: packed.append(tree) or pack(tree))
+  executor = execution.GroupedExecutor(spec, variables, max_batch=8)
+  policy = _policies(16, spec.num_blocks, seed=5, unique=1)
+  for _ in range(2):
+    executor(images[:16], policy)
+  assert len(packed) == 1
+
+
 def test_blockwise_batch_one_equals_masked(net):
   spec, variables, images = net
   policy = _policies(6, spec.num_blocks, seed=4)
