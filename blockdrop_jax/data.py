@@ -7,11 +7,12 @@ statistics stored beside its weights.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import os
 import pickle
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +83,7 @@ class LazyImages:
     if isinstance(index, (int, np.integer)):
       return self._decode(self.paths[index])
     indices = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).reshape(-1)
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(self.threads) as pool:
+    with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
       decoded = list(pool.map(self._decode, [self.paths[i] for i in indices]))
     return np.stack(decoded) if decoded else np.zeros((0, *self.shape[1:]), np.uint8)
 
@@ -283,3 +283,21 @@ def preprocess_imagenet(image: np.ndarray, rng: Optional[np.random.Generator] = 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The shuffled example order of one epoch: a pure function of (seed, epoch), so runs resume."""
   return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+T = TypeVar("T")
+
+
+def prefetched(load: Callable[[int], T], items: Iterable[int]) -> Iterator[T]:
+  """``load(item)`` for each item in order, the next one loading in a background thread while
+  the caller works on the current one: streamed images (``LazyImages``) decode while the device
+  runs the step, instead of between steps. At most two loaded items exist at a time."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = None
+    for item in items:
+      upcoming = pool.submit(load, item)
+      if pending is not None:
+        yield pending.result()
+      pending = upcoming
+    if pending is not None:
+      yield pending.result()

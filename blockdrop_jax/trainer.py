@@ -21,7 +21,7 @@ import optax
 from tqdm import tqdm
 
 from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry, steps
-from blockdrop_jax.data import Dataset, epoch_order, load_dataset
+from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 from blockdrop_jax.steps import Nets, PolicyLoss, TrainState, create_state
@@ -334,11 +334,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       sums = dict(sums_so_far)
       bar = tqdm(range(batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{cfg.epochs}",
                  disable=not progress, leave=False, unit="step")
-      for b in bar:
-        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        key = jax.random.fold_in(stage_key, global_step)
+
+      def load_batch(b, order=order, size=cfg.batch_size):  # this process's rows of batch b
+        idx = order[b * size:(b + 1) * size]
         idx = idx[parallel.process_rows(len(idx))]
-        images, labels = parallel.global_batch(mesh, train_ds.images[idx], train_ds.labels[idx])
+        return train_ds.images[idx], train_ds.labels[idx]
+
+      batches = prefetched(load_batch, range(batch, steps_per_epoch))
+      for b in bar:
+        key = jax.random.fold_in(stage_key, global_step)
+        images, labels = parallel.global_batch(mesh, *next(batches))
         state, metrics = step_fn(state, images, labels, key, jnp.int32(k))
         metrics = jax.device_get(metrics)
         if not math.isfinite(float(metrics["loss"])):

@@ -1,5 +1,6 @@
 import os
 import pickle
+import threading
 
 import jax
 import numpy as np
@@ -91,3 +92,25 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
   np.testing.assert_array_equal(data.epoch_order(0, 3, 100), data.epoch_order(0, 3, 100))
   assert sorted(data.epoch_order(0, 3, 100)) == list(range(100))
   assert not np.array_equal(data.epoch_order(0, 3, 100), data.epoch_order(0, 4, 100))
+
+
+def test_prefetched_loads_the_next_item_while_the_current_one_is_used():
+  started = []
+  next_started = threading.Event()
+
+  def load(i):
+    started.append(i)
+    if i == 1:
+      next_started.set()
+    if i == 3:
+      raise BlockDropError("cannot decode item 3")
+    return i * 10
+
+  items = data.prefetched(load, range(5))
+  assert next(items) == 0
+  assert next_started.wait(10), "item 1 should load while the caller holds item 0"
+  assert next(items) == 10
+  assert next(items) == 20
+  with pytest.raises(BlockDropError, match="item 3"):
+    next(items)
+  assert list(data.prefetched(load, [])) == []
