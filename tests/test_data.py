@@ -95,11 +95,9 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 
 
 def test_prefetched_loads_the_next_item_while_the_current_one_is_used():
-  started = []
   next_started = threading.Event()
 
   def load(i):
-    started.append(i)
     if i == 1:
       next_started.set()
     if i == 3:
