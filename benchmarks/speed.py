@@ -7,13 +7,12 @@ Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``-
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
 images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values); ImageNet nets run at batch 1 only, on random 224 px images.
-Reported: images/s (median of ``--repeats`` timed runs after
-a warm-up; the modes of a table take turns in each run, so the machine's drifts hit them alike),
-compile time, the FLOPs speedup and the measured speedup over the full network (the fastest of
-its plain graph, masked execution with every block kept and, at batch 256, batches of 16 two in
-flight), and the curriculum step (the trainer's
-optimiser) with the original's two masked passes and with compact passes, averaged over the
-schedule.
+Reported: images/s (median of ``--repeats`` timed runs after a warm-up; the modes of a table take
+turns in each run, so the machine's drifts hit them alike), compile time, the FLOPs speedup and
+the measured speedup over the full network (the fastest of its plain graph, masked execution with
+every block kept and, at batch 256, batches of 16 two in flight), and the curriculum step (the
+trainer's optimiser) with the original's two masked passes and with compact passes, averaged over
+the schedule.
 """
 
 from __future__ import annotations
