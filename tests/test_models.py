@@ -1,11 +1,13 @@
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec
 
 from blockdrop_jax import BlockDropError, compilation
-from blockdrop_jax.models import resnet
+from blockdrop_jax.models import batch_norm, resnet
 
 
 def _param_count(spec, size):
@@ -75,6 +77,57 @@ def test_train_mode_updates_batch_stats_like_pytorch():
       (x - 0.0) / 1.0, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(new, 0.9 * old + 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def _batch_norm_values_and_grads(module, variables, x, cotangent, train):
+  """(output, new batch stats, gradients of sum(output * cotangent) w.r.t. params and x)."""
+  def loss(params, x):
+    y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                              not train, mutable=["batch_stats"])
+    return jnp.sum(y * cotangent), (y, updates["batch_stats"])
+
+  (_, (y, stats)), (d_params, d_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+      variables["params"], x)
+  return y, stats, d_params, d_x
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_batch_norm_equals_flax_batch_norm(train, devices):
+  """Our BatchNorm (written-out gradient, sums as matrix products on CPU) against flax's, also
+  with batch statistics over 8 devices under shard_map."""
+  if jax.device_count() < devices:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
+  keys = jax.random.split(jax.random.key(0), 6)
+  x = 3.0 * jax.random.normal(keys[0], (16, 5, 5, 6)) + 1.0
+  cotangent = jax.random.normal(keys[1], x.shape)
+  variables = {"params": {"scale": 1 + 0.1 * jax.random.normal(keys[2], (6,)),
+                          "bias": jax.random.normal(keys[3], (6,))},
+               "batch_stats": {"mean": jax.random.normal(keys[4], (6,)),
+                               "var": jax.random.uniform(keys[5], (6,), minval=0.5, maxval=2)}}
+  axis_name = None if devices == 1 else "batch"
+  ours = batch_norm.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name)
+  theirs = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name)
+
+  def both(x, cotangent):
+    return [_batch_norm_values_and_grads(m, variables, x, cotangent, train) for m in (ours, theirs)]
+
+  if devices > 1:
+    rows, whole = PartitionSpec("batch"), PartitionSpec()
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
+    both = jax.shard_map(both, mesh=mesh, in_specs=(rows, rows),
+                         out_specs=[(rows, whole, whole, rows)] * 2)
+  ours_out, theirs_out = compilation.jit(both)(x, cotangent)
+  chex.assert_trees_all_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
+  if train:  # the running statistics moved, and the gradient reaches x through them
+    assert not np.allclose(ours_out[1]["mean"], variables["batch_stats"]["mean"])
+
+
+def test_batch_norm_sums_keep_float32_accuracy():
+  rows = np.random.default_rng(0).normal(1.0, 1.0, (131072, 16)).astype(np.float32)
+  exact = rows.astype(np.float64).sum(0)
+  sums = np.asarray(compilation.jit(batch_norm._sum_rows_cpu)(rows))
+  assert np.abs(sums / exact - 1).max() < 1e-6  # a plain product with ones: 1e-5
 
 
 def test_policy_network_specs():

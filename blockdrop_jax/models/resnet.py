@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdrop_jax.errors import BlockDropError
+from blockdrop_jax.models.batch_norm import BatchNorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,11 +119,10 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
                  use_bias=False, name=name)
 
 
-def _batch_norm(train: bool, name: str, axis_name: Optional[str] = None) -> nn.BatchNorm:
+def _batch_norm(name: str, axis_name: Optional[str] = None) -> BatchNorm:
   # PyTorch: running = 0.9 running + 0.1 batch, eps 1e-5. With ``axis_name`` (pmap/shard_map)
   # batch statistics are averaged over devices.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
-                      axis_name=axis_name)
+  return BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
 
 
 def _block_relu(x):
@@ -167,7 +167,8 @@ class Block(nn.Module):
 
   def branch(self, x, train):
     def conv_bn(x, i, features, kernel, stride):
-      return _batch_norm(train, f"bn{i}", self.axis_name)(_conv(features, kernel, stride, f"conv{i}")(x))
+      return _batch_norm(f"bn{i}", self.axis_name)(_conv(features, kernel, stride, f"conv{i}")(x),
+                                                   not train)
 
     if self.block == "basic":
       return conv_bn(nn.relu(conv_bn(x, 1, self.width, 3, self.stride)), 2, self.width, 3, 1)
@@ -187,7 +188,7 @@ class Block(nn.Module):
       return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
     x = nn.Conv(self.out_channels, (1, 1), (self.stride, self.stride), use_bias=False,
                 name="shortcut_conv")(x)
-    return _batch_norm(train, "shortcut_bn", self.axis_name)(x)
+    return _batch_norm("shortcut_bn", self.axis_name)(x, not train)
 
 
 class ResNet(nn.Module):
@@ -200,7 +201,7 @@ class ResNet(nn.Module):
     s = self.spec
     self.stem_conv = _conv(s.stem_width, 3 if s.stem == "cifar" else 7, 1 if s.stem == "cifar" else 2,
                            "stem_conv")
-    self.stem_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.axis_name, name="stem_bn")
+    self.stem_bn = _batch_norm("stem_bn", self.axis_name)
     self.blocks = [
         Block(s.block, in_ch, width, stride, s.shortcut, s.expansion, self.axis_name,
               name=f"block{t}")
@@ -213,7 +214,7 @@ class ResNet(nn.Module):
     x = (images.astype(jnp.float32) - jnp.asarray(s.input_mean)) / jnp.asarray(s.input_std)
     if s.input_pool > 1:
       x = nn.avg_pool(x, (s.input_pool, s.input_pool), (s.input_pool, s.input_pool))
-    x = nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    x = nn.relu(self.stem_bn(self.stem_conv(x), not train))
     if s.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     return x
