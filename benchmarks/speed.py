@@ -169,15 +169,16 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
       steps.curriculum_step, steps.Nets(spec, policy_spec, curriculum_passes=p), steps.PolicyLoss(),
       tx, key=jax.random.key(0))) for p in passes}
   first_call = {p: timed_call(lambda: step[p](state, x, y, k=jnp.int32(ks[0])))[0] for p in passes}
-  per_k = {p: [] for p in passes}
   blocks = {p: [] for p in passes}
   for k in map(jnp.int32, ks):
     for p in passes:
       metrics = step[p](state, x, y, k=k)[1]
       blocks[p].append(float(metrics["blocks_sampled"] + metrics["blocks_greedy"]) / (2 * K))
-    times = timed_alternately({p: lambda p=p: step[p](state, x, y, k=k) for p in passes}, repeats)
-    for p in passes:
-      per_k[p].append(times[p][1])
+  # Every (passes, k) point takes its turn in every repeat, so a slow spell of the machine is
+  # spread over the whole schedule instead of landing on the points measured during it.
+  times = timed_alternately({(p, k): lambda p=p, k=k: step[p](state, x, y, k=jnp.int32(k))
+                             for k in ks for p in passes}, repeats)
+  per_k = {p: [times[p, k][1] for k in ks] for p in passes}
   # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
   # ramp, i.e. a schedule of 2K epochs, as the subset configs run. The original's 5000-epoch
   # schedules (configs/r110_c10.py) spend nearly every epoch at k = K: its per-k entry.
