@@ -119,7 +119,7 @@ def test_batch_norm_equals_flax_batch_norm(train, devices):
                          out_specs=[(rows, whole, whole, rows)] * 2)
   ours_out, theirs_out = compilation.jit(both)(x, cotangent)
   chex.assert_trees_all_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
-  if train:  # the running statistics moved, and the gradient reaches x through them
+  if train:  # the running statistics moved
     assert not np.allclose(ours_out[1]["mean"], variables["batch_stats"]["mean"])
 
 

@@ -6,9 +6,9 @@ inputs into slow tree reductions (a quarter of the policy network's update at ba
 development machine). Here the backward pass is written out (``custom_vjp``: the textbook
 BatchNorm gradient, two sums), and on CPU every sum over rows is a matrix-vector product, 2-4x
 faster there; that update runs about 15% faster (docs/results.md). Other backends sum with
-``jnp.sum``. Same variables ('scale', 'bias'; batch stats
-'mean', 'var'), same running-average update and the same outputs and gradients as flax's
-``BatchNorm(momentum, epsilon, axis_name)`` with its default fast variance (tests/test_models.py).
+``jnp.sum``. Same variables ('scale', 'bias'; batch stats 'mean', 'var'), running-average update,
+outputs and gradients as flax's ``BatchNorm(momentum, epsilon, axis_name)`` with its default fast
+variance (tests/test_models.py).
 """
 
 from __future__ import annotations
