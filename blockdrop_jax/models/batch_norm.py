@@ -56,8 +56,7 @@ def _statistics(x, eps, axis_name):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, eps: float, axis_name: Optional[str] = None):
   """(normalised ``x``, batch mean, batch variance) over every axis but the last."""
-  mean, var, inv_std = _statistics(x, eps, axis_name)
-  return (x - mean) * (inv_std * scale) + bias, mean, var
+  return _forward(x, scale, bias, eps, axis_name)[0]
 
 
 def _forward(x, scale, bias, eps, axis_name):
