@@ -76,12 +76,12 @@ def _backward(eps, axis_name, residuals, cotangents):
   d_bias = _sum_rows(d_out.reshape(-1, channels), None)
   d_scale = _sum_rows((d_out * normalised).reshape(-1, channels), None)
   n = _count(x.reshape(-1, channels), axis_name)
-  total_bias, total_scale = ((d_bias, d_scale) if axis_name is None
-                             else jax.lax.psum((d_bias, d_scale), axis_name))
+  # d_mean, d_var: cotangents of the returned statistics (zero when only the output is
+  # differentiated). One collective for all four sums.
+  totals = (d_bias, d_scale, d_mean, d_var)
+  total_bias, total_scale, d_mean, d_var = (totals if axis_name is None
+                                            else jax.lax.psum(totals, axis_name))
   d_x = (scale * inv_std) * (d_out - total_bias / n - normalised * (total_scale / n))
-  # Cotangents of the returned statistics (zero when only the output is differentiated).
-  d_mean, d_var = ((d_mean, d_var) if axis_name is None
-                   else jax.lax.psum((d_mean, d_var), axis_name))
   d_x = d_x + d_mean / n + centred * (2.0 * d_var / n)
   return d_x, d_scale, d_bias
 
