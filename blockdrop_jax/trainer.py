@@ -59,6 +59,9 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
       and config.base.checkpoint not in registry.WEIGHTS):
     raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint;"
                          f" a file, or one of {', '.join(registry.WEIGHTS)})")
+  for key in ("eval_every", "checkpoint_every_epochs"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of epochs")
   for stage in stages:
     cfg = config[stage]
     if stage != "pretrain":
@@ -261,7 +264,8 @@ def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
 # What a resumed run may change: how long stages run (to extend a finished run) and settings that
 # do not change results. Anything else would silently mix two experiments in one workdir.
 RESUMABLE_CHANGES = ("pretrain.epochs", "curriculum.epochs", "finetune.epochs", "curriculum.passes",
-                     "eval_every", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size")
+                     "eval_every", "keep_checkpoints", "checkpoint_every_epochs",
+                     "checkpoint_every_steps", "eval_batch_size")
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -363,17 +367,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       batch, sums_so_far = 0, {}
       record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
                 **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}}
-      last_epoch = epoch + 1 == cfg.epochs
+      evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == cfg.epochs
       score = None
-      if (epoch + 1) % config.eval_every == 0 or last_epoch:
+      if evaluated:
         record.update(evaluate_stage(run, stage, state, k))
         # Only full-control (k = K) BlockDrop policies compete for "best".
         score = record["test_accuracy"] if k == K else None
       last_metrics = record
       if log:
         log.write(record)
-      ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch + 1, 0, global_step,
-                                           record), score if stage != "pretrain" else None)
+      if evaluated or (epoch + 1) % config.checkpoint_every_epochs == 0:
+        ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch + 1, 0, global_step,
+                                             record), score if stage != "pretrain" else None)
       if chief:
         tqdm.write(_summary(record))
     epoch = 0

@@ -44,7 +44,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       finetune_pg_mean=False,  # True: average the finetune policy-gradient term over the batch
   ))
   c.eval_every = 10  # epochs
-  c.checkpoint_every_steps = 0  # 0: at the end of each epoch only
+  # Checkpoints: at the end of every N-th epoch, of each evaluated epoch (so that the best can be
+  # kept) and of each stage's last epoch. Raise N where an epoch is shorter than a save (an Orbax
+  # save of a ResNet-56 run takes about a second; on a GPU a subset epoch takes less).
+  c.checkpoint_every_epochs = 1
+  c.checkpoint_every_steps = 0  # also inside epochs, every N steps; 0: never
   c.keep_checkpoints = 3
   c.eval_batch_size = 500
   return apply_variant(c, variant)

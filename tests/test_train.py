@@ -111,6 +111,27 @@ def test_corrupted_checkpoint_is_reported_and_kept(uninterrupted, tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
+def test_sparse_checkpoints_resume_to_the_same_run(tmp_path):
+  """Checkpoints every 2nd epoch (and at evaluations and stage ends) only; a run stopped between
+  them replays the lost epochs to the same weights and metrics."""
+  workdir = tmp_path / "sparse"
+  overrides = ("--config.checkpoint_every_epochs=2", "--config.eval_every=100",
+               "--config.curriculum.epochs=3", "--config.keep_checkpoints=100")
+  assert run_train(workdir, *overrides).returncode == 0
+  # 3 steps an epoch: pretraining ends at step 3, the curriculum's epochs at 6, 9, 12, finetuning
+  # at 15. Epoch 1 of the curriculum (step 6) is neither 2nd, evaluated nor last.
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert saved == [3, 9, 12, 15]
+  params, stats, meta, records = _final(workdir)
+  for step in (12, 15):  # as if the run had been killed during epoch 3 of the curriculum
+    shutil.rmtree(workdir / "checkpoints" / str(step))
+  assert run_train(workdir, *overrides).returncode == 0
+  params_again, stats_again, meta_again, records_again = _final(workdir)
+  jax.tree.map(np.testing.assert_array_equal, params_again, params)
+  jax.tree.map(np.testing.assert_array_equal, stats_again, stats)
+  assert records_again == records and meta_again["metrics"] == meta["metrics"]
+
+
 def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
   import matplotlib.image
   workdir, _ = uninterrupted

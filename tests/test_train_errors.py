@@ -33,6 +33,11 @@ def test_batch_larger_than_data(shared_data):
   assert "larger than the 48 training images" in _config_error("--config.curriculum.batch_size=128")
 
 
+def test_checkpoint_cadence_must_be_positive(shared_data):
+  assert "config.checkpoint_every_epochs = 0 must be a positive" in _config_error(
+      "--config.checkpoint_every_epochs=0")
+
+
 def test_missing_base_checkpoint_from_the_command_line(tmp_path, shared_data):
   _one_line_error(run_train(tmp_path, "--config.base.checkpoint=/nope/resnet.th"),
                   "base checkpoint not found: /nope/resnet.th")
