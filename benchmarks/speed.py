@@ -1,7 +1,7 @@
 """Wall-clock speed of the execution modes against the full network, in one run on this machine.
 
   python benchmarks/speed.py [--nets cifar_resnet32 cifar_resnet110] [--keep 0.35] [--repeats 5]
-      [--imagenet-nets imagenet_resnet101] [--imagenet-images 8]
+      [--imagenet-nets imagenet_resnet101] [--imagenet-images 8] [--modes batch_skip compact ...]
 
 Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``--keep`` (trained
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "configs", "default.py")
 
 
-def inference_rows(spec, variables, images, policies, batch: int, repeats: int) -> list[dict]:
+def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
+                   only: Optional[Sequence[str]] = None) -> list[dict]:
   """One row per mode: the full network first, then each mode under ``policies``.
 
   The full network is timed as its own graph and as masked execution with every block kept (same
@@ -95,7 +97,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
   grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
   effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
   modes. The full network and the jitted modes run through ``execution.Runner`` (weights packed
-  once), as a server would."""
+  once), as a server would. ``only``: time just these modes (and the full network's forms), to
+  spare compilations where they are slow."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
   grouped = {name: execution.GroupedExecutor(spec, variables, max_batch=batch, **options)
@@ -126,6 +129,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int) 
     modes[f"compact, batches of {batch // 2}, {IN_FLIGHT} in flight"] = in_flight(compact,
                                                                              batch // 2)
     modes.update(grouped)
+  if only is not None:
+    modes = {mode: fn for mode, fn in modes.items() if mode in FULL_MODES or mode in only}
   times = timed_alternately(
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
@@ -221,6 +226,9 @@ def main(argv=None) -> int:
                  help="policy output bias logit(keep), one table row pair each (0.5: as "
                       "initialised); none: no curriculum table")
   p.add_argument("--only-curriculum", action="store_true", help="skip the inference table")
+  p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                 help="time only these inference modes, named as in the table (the full "
+                      "network's forms always run); default: all")
   args = p.parse_args(argv)
   shared = data.shared_data_dir()
   images, labels = data.read_cifar_records(
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
     for batch, n in () if args.only_curriculum else ((1, args.batch_1_images),
                                                      (args.images, args.images)):
       print_rows(name, batch, inference_rows(spec, variables, x_all[:n], policies[:n], batch,
-                                             args.repeats))
+                                             args.repeats, args.modes))
     for keep in args.curriculum_keep:
       curriculum += curriculum_rows(spec, variables, images, labels, args.curriculum_batch,
                                     args.repeats, args.curriculum_points, keep)
@@ -250,7 +258,7 @@ def main(argv=None) -> int:
     n = args.imagenet_images
     x = np.random.default_rng(0).random((n, spec.image_size, spec.image_size, 3), np.float32)
     policies = sample_policies(n, spec.num_blocks, args.keep, args.unique_policies)
-    print_rows(name, 1, inference_rows(spec, variables, x, policies, 1, args.repeats))
+    print_rows(name, 1, inference_rows(spec, variables, x, policies, 1, args.repeats, args.modes))
   if not curriculum:
     return 0
   print("\n| net | policy | curriculum passes | images/s (schedule mean) | per k | blocks run | "

@@ -37,6 +37,19 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   assert [line.split(" | ")[2] for line in curriculum] == ["masked", "compact"]
 
 
+def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
+  speed = _load("speed")
+  assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
+                     "--repeats", "1", "--unique-policies", "2", "--curriculum-keep",
+                     "--imagenet-nets", "--modes", "batch_skip", "grouped, looped inside, 2 in flight"]) == 0
+  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| cifar_resnet20 | ")]
+  modes = {batch: {row[2].split(" (")[0] for row in rows if row[1] == batch} for batch in ("1", "8")}
+  assert modes["1"] == {"full", "full, masked with all kept", "batch_skip"}
+  assert modes["8"] == {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
+                        "batch_skip", "grouped, looped inside, 2 in flight"}
+
+
 def test_train_steps_benchmark_times_every_stage(shared_data, capsys):
   train_steps = _load("train_steps")
   assert train_steps.main(["--nets", "cifar_resnet8", "--batch", "4", "--repeats", "1"]) == 0
