@@ -38,7 +38,8 @@ def parse_args(argv=None):
                  help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
   p.add_argument("--mode", choices=EVAL_MODES, default=EVAL_MODES[0],
                  help="workdir: how blocks run (same outputs): compact and grouped run only the "
-                      "blocks each image keeps, masked runs all of them (docs/results.md)")
+                      "blocks each image keeps, masked runs all of them; auto: compact on CPU, "
+                      "masked on GPU, the fastest there (docs/results.md)")
   p.add_argument("--report", default=None, metavar="DIR",
                  help="workdir: write figures and report.md (what the policy learned) into DIR")
   p.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                                            mode=args.mode)
       print(f"BlockDrop {nets.resnet.name} ({meta['stage']} epoch {meta['epoch']}) on {dataset.source}")
       print(evaluation.format_report(result))
-      print(f"Speed: {result['images_per_s']:.1f} images/s ({args.mode} execution, compilation "
+      print(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
             "included; benchmarks/speed.py measures steady state)")
       if args.baselines:
         result["baselines"] = evaluation.baselines(nets, params, stats, dataset, result["blocks_mean"],

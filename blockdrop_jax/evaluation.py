@@ -65,14 +65,15 @@ def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_
   }
 
 
-EVAL_MODES = ("compact", "grouped", "masked")  # the first is the default: fastest in benchmarks
+# "auto", the default: compact on CPU, masked on GPU, the fastest there in benchmarks/speed.py.
+EVAL_MODES = ("auto", "compact", "grouped", "masked")
 _greedy_eval = compilation.jit(steps.greedy_eval, static_argnums=(0, 5))
 _resnet_eval = compilation.jit(steps.resnet_eval, static_argnums=0)
 _greedy_policy = compilation.jit(steps.greedy_policy, static_argnums=0)
 
 
 def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,
-                     k: Optional[int] = None, progress: bool = True, mode: str = "compact",
+                     k: Optional[int] = None, progress: bool = True, mode: str = "auto",
                      grouped_window: Optional[int] = None) -> dict:
   """What the original ``test.py`` prints, plus per-image predictions, policies and images/s.
 
@@ -82,11 +83,13 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
   policy first, then each group of images sharing a policy with only its blocks
   (``execution.GroupedExecutor``), grouping within windows of ``grouped_window`` images (default
   8 batches: larger windows make larger groups, and hold that many decoded images in memory).
-  The same outputs at different speeds (benchmarks/speed.py)."""
+  The same outputs at different speeds (benchmarks/speed.py). "auto" is compact where that
+  pays (``execution.compact_pays``: CPU), else masked; the report's "mode" names the one used."""
   if batch_size < 1 or (grouped_window is not None and grouped_window < 1):
     raise ValueError(f"batch_size ({batch_size}) and grouped_window ({grouped_window}) must be "
                      "at least 1")
   batch_size = min(batch_size, len(dataset))
+  mode = execution.resolve_auto(mode)
   start = time.perf_counter()
   if mode in ("compact", "masked"):
     forced = None if k is None else jnp.int32(k)

@@ -20,6 +20,10 @@
   small compiled function (batch 1, or inside ``grouped`` on request).
 - batch 1 with ``batch_skip`` or ``blockwise`` runs exactly that image's blocks.
 
+Which is fastest depends on the backend (docs/results.md section 2): on CPU time follows FLOPs,
+and compact and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches, each chunk of
+compact costs launches, and masked execution is fastest at batch 256 (``compact_pays``).
+
 ``Runner`` serves repeated calls with one network (batch 1, a stream of batches): its weights are
 packed once (``pack``), so each call hands XLA about 110 arrays instead of about 550.
 """
@@ -43,6 +47,23 @@ MODES = ("masked", "batch_skip", "looped", "compact", "blockwise", "grouped")
 # Rows per chunk of ``compact`` execution: small enough to waste little on partly kept chunks,
 # large enough for efficient convolutions (8-16 were fastest of 8-64 on the 2-core CPU).
 COMPACT_CHUNK = 16
+
+
+def compact_pays(platform: Optional[str] = None) -> bool:
+  """Whether compact execution beats masked execution on ``platform`` (default: JAX's backend).
+
+  Measured: on the 2-core CPU, compact curriculum passes are 1.3-2x and compact evaluation about
+  2.5x masked; on an H200, 0.42-0.73x and 0.22-0.29x, because each chunk's small kernels cost more
+  launch time than the skipped work saves. TPUs are unmeasured; masked there too."""
+  return (platform or jax.default_backend()) == "cpu"
+
+
+def resolve_auto(mode: str) -> str:
+  """``mode``, with "auto" (the trainer's and evaluate.py's default) made "compact" where compact
+  execution pays and "masked" where it does not."""
+  if mode == "auto":
+    return "compact" if compact_pays() else "masked"
+  return mode
 
 
 def _stem(spec, variables, x, train=False):

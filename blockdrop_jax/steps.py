@@ -50,7 +50,7 @@ class PolicyLoss:
   finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
 
 
-CURRICULUM_PASSES = ("compact", "masked")
+CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (execution.resolve_auto)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,8 @@ class Nets:
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
   # Curriculum passes: "compact" runs the forced-on prefix once for both passes and then each
   # block only on the images that keep it (execution.curriculum_pair); "masked" runs two full
-  # masked passes as the original does. Same results.
-  curriculum_passes: str = "compact"
+  # masked passes as the original does; "auto" picks the faster on this backend. Same results.
+  curriculum_passes: str = "auto"
   # The mesh of a step jitted over a sharded global batch (parallel.sharded_step): compact passes
   # then run under shard_map on each device's own rows, instead of gathering kept rows from the
   # whole batch across devices (they are per image, and the ResNet is frozen).
@@ -168,7 +168,7 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
-  if nets.curriculum_passes == "compact":
+  if execution.resolve_auto(nets.curriculum_passes) == "compact":
     logits_greedy, logits_sampled = _compact_passes(nets)(
         {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
   else:

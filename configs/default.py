@@ -32,8 +32,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       epochs_per_block=1,
       # "compact": the forced prefix once, then each block only on the images that keep it (on
       # several devices each runs its own rows); "masked": two full masked passes, as the
-      # original. Same losses and gradients.
-      passes="compact"))
+      # original; "auto": compact on CPU, masked on GPU, where it is faster (docs/results.md).
+      # Same losses and gradients.
+      passes="auto"))
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
       penalty=-5.0))

@@ -226,6 +226,7 @@ def test_every_evaluation_mode_gives_the_same_report(net, test_records):
   # Grouped over windows of 16 images (40 = 16 + 16 + 8): the same report as one window.
   reports.append(evaluation.blockdrop_report(nets, params, stats, dataset, 16, progress=False,
                                              mode="grouped", grouped_window=16))
+  assert [r["mode"] for r in reports] == ["compact", "compact", "grouped", "masked", "grouped"]
   for report in reports[1:]:
     assert report["policies"] == reports[0]["policies"]
     assert report["predictions"] == reports[0]["predictions"]
@@ -245,3 +246,22 @@ def test_modes_handle_projection_shortcuts():
   for mode in ("batch_skip", "compact", "grouped"):
     np.testing.assert_allclose(execution.run(mode, spec, variables, images, policy), masked,
                                atol=TOL, err_msg=mode)
+
+
+def test_auto_runs_compact_on_cpu_and_masked_where_compact_does_not_pay(net, test_records,
+                                                                        monkeypatch):
+  from blockdrop_jax import evaluation
+  assert execution.compact_pays("cpu") and not execution.compact_pays("gpu")
+  assert execution.resolve_auto("auto") == "compact"  # the tests run on CPU
+  assert execution.resolve_auto("masked") == "masked"
+  monkeypatch.setattr(execution, "compact_pays", lambda platform=None: False)  # as on a GPU
+  assert execution.resolve_auto("auto") == "masked"
+  spec, variables, _ = net
+  policy_spec = resnet.policy_spec(spec)
+  pv = resnet.init(policy_spec, jax.random.key(3))
+  images, labels = data.read_cifar_records(test_records)
+  report = evaluation.blockdrop_report(
+      steps.Nets(spec, policy_spec), {"resnet": variables["params"], "policy": pv["params"]},
+      {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]},
+      data.Dataset(images[:16], labels[:16], 10, "test"), 16, progress=False)
+  assert report["mode"] == "masked"
