@@ -239,8 +239,10 @@ def main(argv=None) -> int:
         f"{compilation.compiler_options() or 'defaults'} (${compilation.DEFAULTS_ENV} to compare)")
   print(f"policies: {args.unique_policies} random vectors at keep rate {args.keep}; median of "
         f"{args.repeats} runs after a warm-up\n")
-  print("| net | batch | mode | images/s | FLOPs speedup | measured speedup | measured/FLOPs | first call s |")
-  print("|---|---|---|---|---|---|---|---|")
+  if not args.only_curriculum:
+    print("| net | batch | mode | images/s | FLOPs speedup | measured speedup | measured/FLOPs | "
+          "first call s |")
+    print("|---|---|---|---|---|---|---|---|")
   curriculum = []
   for name in args.nets:
     spec, variables = load_net(name, shared)
