@@ -41,7 +41,8 @@ def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
   speed = _load("speed")
   assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--unique-policies", "2", "--curriculum-keep",
-                     "--imagenet-nets", "--modes", "batch_skip", "grouped, looped inside, 2 in flight"]) == 0
+                     "--imagenet-nets", "--modes", "batch_skip",
+                     "grouped, looped inside, 2 in flight"]) == 0
   rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
           if line.startswith("| cifar_resnet20 | ")]
   modes = {batch: {row[2].split(" (")[0] for row in rows if row[1] == batch} for batch in ("1", "8")}
