@@ -88,19 +88,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "configs", "default.py")
 
 
-def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
-                   only: Optional[Sequence[str]] = None) -> list[dict]:
-  """One row per mode: the full network first, then each mode under ``policies``.
-
-  The full network is timed as its own graph and as masked execution with every block kept (same
-  values), and at batch 256 also as batches of 16 called side by side from 2 threads, the way the
-  grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
-  effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
-  modes. The full network and the jitted modes run through ``execution.Runner`` (weights packed
-  once), as a server would. ``only``: time just these modes (and the full network's forms), to
-  spare compilations where they are slow."""
-  table = flops.flops_table(spec)
-  flops_speedup = table.full / float(np.mean(table.under(policies)))
+def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
+  """({name: fn(images, policy)} of every mode of a table at ``batch``, the grouped ones among
+  them by name). Building them compiles nothing."""
   grouped = {name: execution.GroupedExecutor(spec, variables, max_batch=batch, **options)
              for name, options in (
       (f"grouped, looped inside, {IN_FLIGHT} in flight", dict(workers=IN_FLIGHT)),
@@ -129,6 +119,23 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
     modes[f"compact, batches of {batch // 2}, {IN_FLIGHT} in flight"] = in_flight(compact,
                                                                              batch // 2)
     modes.update(grouped)
+  return modes, grouped
+
+
+def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
+                   only: Optional[Sequence[str]] = None) -> list[dict]:
+  """One row per mode: the full network first, then each mode under ``policies``.
+
+  The full network is timed as its own graph and as masked execution with every block kept (same
+  values), and at batch 256 also as batches of 16 called side by side from 2 threads, the way the
+  grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
+  effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
+  modes. The full network and the jitted modes run through ``execution.Runner`` (weights packed
+  once), as a server would. ``only``: time just these modes (and the full network's forms), to
+  spare compilations where they are slow."""
+  table = flops.flops_table(spec)
+  flops_speedup = table.full / float(np.mean(table.under(policies)))
+  modes, grouped = inference_modes(spec, variables, batch)
   if only is not None:
     modes = {mode: fn for mode, fn in modes.items() if mode in FULL_MODES or mode in only}
   times = timed_alternately(
@@ -231,6 +238,14 @@ def main(argv=None) -> int:
                       "network's forms always run); default: all")
   args = p.parse_args(argv)
   shared = data.shared_data_dir()
+  if args.modes and not args.only_curriculum:
+    spec, variables = load_net(args.nets[0], shared)
+    known = [mode for batch in (1, args.images)
+             for mode in inference_modes(spec, variables, batch)[0] if mode not in FULL_MODES]
+    unknown = [mode for mode in args.modes if mode not in known]
+    if unknown:
+      p.error(f"--modes: no table has {', '.join(map(repr, unknown))}; the modes are "
+              f"{', '.join(map(repr, dict.fromkeys(known)))}")
   images, labels = data.read_cifar_records(
       os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   x_all = np.asarray(data.to_unit_float(images[:args.images]))

@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 from conftest import REPO
 
 
@@ -49,6 +51,15 @@ def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
   assert modes["1"] == {"full", "full, masked with all kept", "batch_skip"}
   assert modes["8"] == {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
                         "batch_skip", "grouped, looped inside, 2 in flight"}
+
+
+def test_speed_benchmark_refuses_a_mode_no_table_has(shared_data, capsys):
+  speed = _load("speed")
+  with pytest.raises(SystemExit) as exit_info:
+    speed.main(["--nets", "cifar_resnet20", "--images", "8", "--modes", "batch_skip", "grouped"])
+  assert exit_info.value.code == 2
+  message = capsys.readouterr().err
+  assert "no table has 'grouped'" in message and "'grouped, looped inside, 2 in flight'" in message
 
 
 def test_train_steps_benchmark_times_every_stage(shared_data, capsys):
