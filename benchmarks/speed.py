@@ -2,11 +2,14 @@
 
   python benchmarks/speed.py [--nets cifar_resnet32 cifar_resnet110] [--keep 0.35] [--repeats 5]
       [--imagenet-nets imagenet_resnet101] [--imagenet-images 8] [--modes batch_skip compact ...]
+  python benchmarks/speed.py --checkpoint runs/r56 [--curriculum-keep trained 0.5]
 
 Policies: a pool of ``--unique-policies`` random policy vectors at keep rate ``--keep`` (trained
 BlockDrop policies are few and shared by many images; the original R110 uses 469 on 10,000 test
 images), each image drawing one. Weights: akamaster's pretrained files where they exist, else random
 (speed does not depend on the values); ImageNet nets run at batch 1 only, on random 224 px images.
+With ``--checkpoint`` (a training workdir) the run's own net, weights and policy network instead:
+the images run under the policies it picks for them, and the curriculum step under it.
 Reported: images/s (median of ``--repeats`` timed runs after a warm-up; the modes of a table take
 turns in each run, so the machine's drifts hit them alike), compile time, the FLOPs speedup and
 the measured speedup over the full network (the fastest of its plain graph, masked execution with
@@ -71,6 +74,33 @@ def sample_policies(n: int, num_blocks: int, keep: float, unique: int, seed: int
   rng = np.random.default_rng(seed)
   pool = (rng.random((unique, num_blocks)) < keep).astype(np.float32)
   return pool[rng.integers(0, unique, n)]
+
+
+def fresh_policy(spec, keep: float) -> tuple:
+  """(policy spec, variables) of a freshly initialised policy network (as at the start of the
+  curriculum) whose output bias is logit(keep): 0.5 is the initialisation itself (zero bias);
+  lower values keep fewer blocks."""
+  policy_spec = resnet.policy_spec(spec)
+  variables = resnet.init(policy_spec, jax.random.key(1))
+  fc = variables["params"]["fc"]
+  variables["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], np.log(keep / (1 - keep)))}
+  return policy_spec, variables
+
+
+class TrainedRun:
+  """A training workdir's last checkpoint: its ResNet, its policy network, and the test-time
+  policies that network picks (``steps.greedy_policy``)."""
+
+  def __init__(self, workdir: str):
+    self.nets, self.params, self.stats, meta = trainer.load_run(workdir)
+    self.name = f"trained ({workdir}, {meta['stage']} epoch {meta['epoch']})"
+    self.variables = {"params": self.params["resnet"], "batch_stats": self.stats["resnet"]}
+    self.policy = (self.nets.policy, {"params": self.params["policy"],
+                                      "batch_stats": self.stats["policy"]})
+
+  def policies(self, raw_images: np.ndarray) -> np.ndarray:
+    return np.asarray(compilation.jit(steps.greedy_policy, static_argnums=0)(
+        self.nets, self.params, self.stats, raw_images))
 
 
 CONCURRENT_BATCH, IN_FLIGHT = 16, 2  # the full network's third baseline (batch 256 only)
@@ -154,18 +184,13 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
   return rows
 
 
-def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, points: int,
-                    keep: float) -> list:
+def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, labels, batch: int,
+                    repeats: int, points: int) -> list:
   """Curriculum step images/s over the schedule: the original's two masked passes against the
-  compact passes (forced prefix once, then each block on only the images that keep it).
-
-  The policy network is freshly initialised (as at the start of the curriculum) with its output
-  bias set to logit(keep): 0.5 is the initialisation itself (zero bias); lower values keep fewer
-  blocks, as a trained policy does. The table reports the fraction of blocks the passes run."""
-  policy_spec = resnet.policy_spec(spec)
-  pv = resnet.init(policy_spec, jax.random.key(1))
-  fc = pv["params"]["fc"]
-  pv["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], np.log(keep / (1 - keep)))}
+  compact passes (forced prefix once, then each block on only the images that keep it), with
+  ``policy`` = (policy spec, variables) deciding (``fresh_policy`` or a trained one). The table
+  reports the fraction of blocks the passes run."""
+  policy_spec, pv = policy
   params = {"resnet": variables["params"], "policy": pv["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   # The trainer's optimiser: Adam on the policy network, zero updates for the frozen ResNet.
@@ -199,7 +224,7 @@ def curriculum_rows(spec, variables, images, labels, batch: int, repeats: int, p
   rows = []
   for p in passes:
     mean_seconds = float(np.dot(weights, per_k[p]) / weights.sum())
-    rows.append({"net": spec.name, "batch": batch, "passes": p, "policy_keep": keep,
+    rows.append({"net": spec.name, "batch": batch, "passes": p, "policy": policy_name,
                  "images_per_s": batch / mean_seconds, "first_call_s": first_call[p],
                  "per_k": dict(zip(ks, [batch / s for s in per_k[p]])),
                  "blocks_run": float(np.dot(weights, blocks[p]) / weights.sum())})
@@ -215,60 +240,102 @@ def print_rows(name: str, batch: int, rows: list[dict]) -> None:
           f"{row['first_call_s']:.1f} |", flush=True)
 
 
+def curriculum_policy(text: str):
+  """argparse type of ``--curriculum-keep``: a keep rate in (0, 1), or "trained"."""
+  if text == "trained":
+    return text
+  try:
+    keep = float(text)
+  except ValueError:
+    keep = 0.0
+  if not 0 < keep < 1:
+    raise argparse.ArgumentTypeError(f"expected a keep rate in (0, 1) or 'trained', got {text!r}")
+  return keep
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--nets", nargs="+", default=["cifar_resnet32", "cifar_resnet110"])
+  p.add_argument("--nets", nargs="+", default=None,
+                 help="default: cifar_resnet32 cifar_resnet110, or the net of --checkpoint")
+  p.add_argument("--checkpoint", default=None, metavar="WORKDIR",
+                 help="a training workdir: time its net under the policies its policy network "
+                      "picks for the images (instead of --keep)")
   p.add_argument("--keep", type=float, default=0.35)
   p.add_argument("--unique-policies", type=int, default=16)
   p.add_argument("--images", type=int, default=256)
   p.add_argument("--batch-1-images", type=int, default=32)
-  p.add_argument("--imagenet-nets", nargs="*", default=["imagenet_resnet101"],
+  p.add_argument("--imagenet-nets", nargs="*", default=None,
                  help="ImageNet nets timed at batch 1 only (random weights and 224 px images); "
-                      "none: skip")
+                      "none: skip; default: imagenet_resnet101, none with --checkpoint")
   p.add_argument("--imagenet-images", type=cli.positive_int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
-  p.add_argument("--curriculum-keep", type=float, nargs="*", default=[0.5, 0.35],
-                 help="policy output bias logit(keep), one table row pair each (0.5: as "
-                      "initialised); none: no curriculum table")
+  p.add_argument("--curriculum-keep", type=curriculum_policy, nargs="*", default=None,
+                 help="one table row pair each: a fresh policy network with output bias "
+                      "logit(keep) (0.5: as initialised), or 'trained' (--checkpoint's policy "
+                      "network); none: no curriculum table; default: 0.5 0.35, or trained with "
+                      "--checkpoint")
   p.add_argument("--only-curriculum", action="store_true", help="skip the inference table")
   p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
                  help="time only these inference modes, named as in the table (the full "
                       "network's forms always run); default: all")
   args = p.parse_args(argv)
+  if args.checkpoint and args.nets:
+    p.error("--checkpoint times the net it was trained with; leave out --nets")
+  if "trained" in (args.curriculum_keep or ()) and not args.checkpoint:
+    p.error("--curriculum-keep trained needs --checkpoint (the run whose policy network to use)")
+  if args.imagenet_nets is None:
+    args.imagenet_nets = [] if args.checkpoint else ["imagenet_resnet101"]
+  if args.curriculum_keep is None:
+    args.curriculum_keep = ["trained"] if args.checkpoint else [0.5, 0.35]
   shared = data.shared_data_dir()
+  images, labels = data.read_cifar_records(
+      os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
+  run = TrainedRun(args.checkpoint) if args.checkpoint else None
+  if run and run.nets.resnet.image_size != 32:
+    p.error(f"--checkpoint: {args.checkpoint} is a run on {run.nets.resnet.image_size} px images; "
+            "this benchmark times CIFAR nets on the 32 px test subset")
+  nets = ([(run.nets.resnet, run.variables)] if run else
+          [load_net(name, shared) for name in args.nets or ("cifar_resnet32", "cifar_resnet110")])
   if args.modes and not args.only_curriculum:
-    spec, variables = load_net(args.nets[0], shared)
+    spec, variables = nets[0]
     known = [mode for batch in (1, args.images)
              for mode in inference_modes(spec, variables, batch)[0] if mode not in FULL_MODES]
     unknown = [mode for mode in args.modes if mode not in known]
     if unknown:
       p.error(f"--modes: no table has {', '.join(map(repr, unknown))}; the modes are "
               f"{', '.join(map(repr, dict.fromkeys(known)))}")
-  images, labels = data.read_cifar_records(
-      os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   x_all = np.asarray(data.to_unit_float(images[:args.images]))
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, XLA options "
         f"{compilation.compiler_options() or 'defaults'} (${compilation.DEFAULTS_ENV} to compare)")
-  print(f"policies: {args.unique_policies} random vectors at keep rate {args.keep}; median of "
-        f"{args.repeats} runs after a warm-up\n")
+  if run:
+    trained_policies = run.policies(images[:args.images])
+    print(f"policies: what the policy network of {run.name} picks for the first {args.images} "
+          f"test images: {len(np.unique(trained_policies, axis=0))} distinct vectors, "
+          f"{trained_policies.sum(1).mean():.1f} of {run.nets.resnet.num_blocks} blocks kept on "
+          f"average", end="")
+  else:
+    print(f"policies: {args.unique_policies} random vectors at keep rate {args.keep}", end="")
+  print(f"; median of {args.repeats} runs after a warm-up\n")
   if not args.only_curriculum:
     print("| net | batch | mode | images/s | FLOPs speedup | measured speedup | measured/FLOPs | "
           "first call s |")
     print("|---|---|---|---|---|---|---|---|")
   curriculum = []
-  for name in args.nets:
-    spec, variables = load_net(name, shared)
-    policies = sample_policies(args.images, spec.num_blocks, args.keep, args.unique_policies)
+  for spec, variables in nets:
+    policies = trained_policies if run else sample_policies(
+        args.images, spec.num_blocks, args.keep, args.unique_policies)
     for batch, n in () if args.only_curriculum else ((1, args.batch_1_images),
                                                      (args.images, args.images)):
-      print_rows(name, batch, inference_rows(spec, variables, x_all[:n], policies[:n], batch,
-                                             args.repeats, args.modes))
+      print_rows(spec.name, batch, inference_rows(spec, variables, x_all[:n], policies[:n], batch,
+                                                  args.repeats, args.modes))
     for keep in args.curriculum_keep:
-      curriculum += curriculum_rows(spec, variables, images, labels, args.curriculum_batch,
-                                    args.repeats, args.curriculum_points, keep)
+      policy, name = ((run.policy, run.name) if keep == "trained" else
+                      (fresh_policy(spec, keep), f"bias logit({keep})"))
+      curriculum += curriculum_rows(spec, variables, policy, name, images, labels,
+                                    args.curriculum_batch, args.repeats, args.curriculum_points)
   for name in () if args.only_curriculum else args.imagenet_nets:
     spec = resnet.make_spec(name)
     variables = resnet.init(spec, jax.random.key(0))
@@ -282,7 +349,7 @@ def main(argv=None) -> int:
         "speedup | first call s |")
   print("|---|---|---|---|---|---|---|---|")
   for masked, compact in zip(curriculum[::2], curriculum[1::2]):
-    policy = f"bias logit({masked['policy_keep']})"
+    policy = masked["policy"]
     for row in (masked, compact):
       per_k = ", ".join(f"k={k}: {v:.0f}" for k, v in row["per_k"].items())
       speedup = row["images_per_s"] / masked["images_per_s"]

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -60,6 +61,53 @@ def test_speed_benchmark_refuses_a_mode_no_table_has(shared_data, capsys):
   assert exit_info.value.code == 2
   message = capsys.readouterr().err
   assert "no table has 'grouped'" in message and "'grouped, looped inside, 2 in flight'" in message
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_data):
+  """A seconds-long BlockDrop run on a ResNet-8 (pretraining, then the curriculum)."""
+  from blockdrop_jax import configs, trainer
+  config = configs.load(os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke",
+                        ["--config.stages=pretrain,curriculum"])
+  workdir = str(tmp_path_factory.mktemp("speed") / "run")
+  trainer.train(config, workdir, progress=False)
+  return workdir
+
+
+def test_speed_benchmark_times_a_trained_runs_policies(trained_run, capsys):
+  from blockdrop_jax import data, flops
+  speed = _load("speed")
+  assert speed.main(["--checkpoint", trained_run, "--images", "8", "--batch-1-images", "2",
+                     "--repeats", "1", "--curriculum-batch", "8", "--curriculum-points", "2",
+                     "--curriculum-keep", "trained", "0.5", "--modes", "batch_skip"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  run = speed.TrainedRun(trained_run)
+  images, _ = data.read_cifar_records(os.path.join(
+      data.shared_data_dir(), "cifar10", "subset", "test_batch_first1000.bin"))
+  policies = run.policies(images[:8])
+  table = flops.flops_table(run.nets.resnet)
+  distinct = len(np.unique(policies, axis=0))
+  assert any(f"{distinct} distinct vectors" in line for line in lines)
+  rows = [line.split(" | ") for line in lines if line.startswith("| cifar_resnet8 | ")]
+  # The inference rows run the run's own net under the policies its policy network picks.
+  skip = {row[1]: row for row in rows if row[2] == "batch_skip"}
+  assert skip["8"][4] == f"{table.full / np.mean(table.under(policies)):.2f}"
+  assert skip["1"][4] == f"{table.full / np.mean(table.under(policies[:2])):.2f}"
+  curriculum = [row[1:3] for row in rows if row[1] not in ("1", "8")]
+  assert curriculum == [[run.name, "masked"], [run.name, "compact"],
+                        ["bias logit(0.5)", "masked"], ["bias logit(0.5)", "compact"]]
+  assert not any(line.startswith("| imagenet_") for line in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "RUN", "--nets", "cifar_resnet20"], "leave out --nets"),
+    (["--curriculum-keep", "trained"], "needs --checkpoint"),
+    (["--curriculum-keep", "1.5"], "expected a keep rate in (0, 1) or 'trained'")])
+def test_speed_benchmark_refuses_bad_policy_arguments(trained_run, capsys, args, message):
+  speed = _load("speed")
+  with pytest.raises(SystemExit) as exit_info:
+    speed.main([trained_run if arg == "RUN" else arg for arg in args])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_train_steps_benchmark_times_every_stage(shared_data, capsys):
