@@ -292,7 +292,8 @@ def main(argv=None) -> int:
   shared = data.shared_data_dir()
   images, labels = data.read_cifar_records(
       os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
-  run = TrainedRun(args.checkpoint) if args.checkpoint else None
+  with cli.user_errors():
+    run = TrainedRun(args.checkpoint) if args.checkpoint else None
   if run and run.nets.resnet.image_size != 32:
     p.error(f"--checkpoint: {args.checkpoint} is a run on {run.nets.resnet.image_size} px images; "
             "this benchmark times CIFAR nets on the 32 px test subset")

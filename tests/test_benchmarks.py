@@ -102,8 +102,10 @@ def test_speed_benchmark_times_a_trained_runs_policies(trained_run, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "RUN", "--nets", "cifar_resnet20"], "leave out --nets"),
     (["--curriculum-keep", "trained"], "needs --checkpoint"),
-    (["--curriculum-keep", "1.5"], "expected a keep rate in (0, 1) or 'trained'")])
-def test_speed_benchmark_refuses_bad_policy_arguments(trained_run, capsys, args, message):
+    (["--curriculum-keep", "1.5"], "expected a keep rate in (0, 1) or 'trained'"),
+    (["--checkpoint", "nowhere"], "nowhere is not a training workdir")])
+def test_speed_benchmark_refuses_bad_checkpoint_or_policy_arguments(trained_run, capsys, args,
+                                                                    message):
   speed = _load("speed")
   with pytest.raises(SystemExit) as exit_info:
     speed.main([trained_run if arg == "RUN" else arg for arg in args])
