@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import jax
@@ -345,6 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         return train_ds.images[idx], train_ds.labels[idx]
 
       batches = prefetched(load_batch, range(batch, steps_per_epoch))
+      started, first_batch = time.perf_counter(), batch
       for b in bar:
         key = jax.random.fold_in(stage_key, global_step)
         images, labels = parallel.global_batch(mesh, *next(batches))
@@ -364,9 +366,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         if every and global_step % every == 0 and b + 1 < steps_per_epoch:
           ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch, b + 1,
                                                global_step, last_metrics, sums))
+      seconds = time.perf_counter() - started
       batch, sums_so_far = 0, {}
       record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
-                **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}}
+                **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()},
+                **epoch_throughput(seconds, steps_per_epoch - first_batch, cfg.batch_size)}
       evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == cfg.epochs
       score = None
       if evaluated:
@@ -387,6 +391,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     log.close()
   ckpts.close()
   return last_metrics
+
+
+# Wall-clock fields of a metrics record: they differ between runs of the same config (and include
+# compilation in a stage's first epoch), so comparisons of runs leave them out.
+TIMING_METRICS = ("train_seconds", "train_images_per_s")
+
+
+def epoch_throughput(seconds: float, steps: int, batch_size: int) -> dict:
+  """The training steps' wall-clock time in an epoch (data loading and compilation included,
+  evaluation and checkpoints not) and the global images per second it gives."""
+  return {"train_seconds": seconds, "train_images_per_s": steps * batch_size / seconds}
 
 
 def _summary(record: dict) -> str:

@@ -37,11 +37,22 @@ def _one_line_error(proc, pattern):
   assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], proc.stderr
 
 
-def _final(workdir):
-  from blockdrop_jax import trainer
-  _, params, stats, meta = trainer.load_run(str(workdir))
+def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return params, stats, meta, [json.loads(line) for line in f]
+    return [json.loads(line) for line in f]
+
+
+def _final(workdir):
+  """(params, batch_stats, meta, metrics records) of a run, wall-clock fields left out: they
+  differ between any two runs, the rest must not."""
+  from blockdrop_jax import trainer
+
+  def untimed(record):
+    return {k: v for k, v in record.items() if k not in trainer.TIMING_METRICS}
+
+  _, params, stats, meta = trainer.load_run(str(workdir))
+  meta = {**meta, "metrics": untimed(meta["metrics"])}
+  return params, stats, meta, [untimed(record) for record in _records(workdir)]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,13 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
   assert meta["stage"] == "finetune" and meta["epoch"] == 1
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3
+
+
+def test_each_epoch_logs_its_training_throughput(uninterrupted):
+  for record in _records(uninterrupted[0]):
+    # The smoke config: 48 training images, 3 steps of 16 per epoch in every stage.
+    assert record["train_seconds"] > 0
+    assert record["train_images_per_s"] == pytest.approx(48 / record["train_seconds"])
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
