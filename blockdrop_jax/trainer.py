@@ -364,8 +364,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                                          "blocks_sampled") if n in metrics})
         every = config.checkpoint_every_steps
         if every and global_step % every == 0 and b + 1 < steps_per_epoch:
+          saving = time.perf_counter()
           ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch, b + 1,
                                                global_step, last_metrics, sums))
+          started += time.perf_counter() - saving  # not step time
       seconds = time.perf_counter() - started
       batch, sums_so_far = 0, {}
       record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
@@ -400,7 +402,7 @@ TIMING_METRICS = ("train_seconds", "train_images_per_s")
 
 def epoch_throughput(seconds: float, steps: int, batch_size: int) -> dict:
   """The training steps' wall-clock time in an epoch (data loading and compilation included,
-  evaluation and checkpoints not) and the global images per second it gives."""
+  evaluation and checkpoint saves not) and the global images per second it gives."""
   return {"train_seconds": seconds, "train_images_per_s": steps * batch_size / seconds}
 
 
