@@ -289,14 +289,14 @@ def main(argv=None) -> int:
     args.imagenet_nets = [] if args.checkpoint else ["imagenet_resnet101"]
   if args.curriculum_keep is None:
     args.curriculum_keep = ["trained"] if args.checkpoint else [0.5, 0.35]
-  shared = data.shared_data_dir()
-  images, labels = data.read_cifar_records(
-      os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   with cli.user_errors():
     run = TrainedRun(args.checkpoint) if args.checkpoint else None
   if run and run.nets.resnet.image_size != 32:
     p.error(f"--checkpoint: {args.checkpoint} is a run on {run.nets.resnet.image_size} px images; "
             "this benchmark times CIFAR nets on the 32 px test subset")
+  shared = data.shared_data_dir()
+  images, labels = data.read_cifar_records(
+      os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   nets = ([(run.nets.resnet, run.variables)] if run else
           [load_net(name, shared) for name in args.nets or ("cifar_resnet32", "cifar_resnet110")])
   if args.modes and not args.only_curriculum:

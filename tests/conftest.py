@@ -1,6 +1,7 @@
 """Shared fixtures. Real data comes from $BLOCKDROP_SHARED_DATA (default ../shared/data)."""
 
 import glob
+import importlib.util
 import os
 
 # Eight fake CPU devices for the data-parallel tests; must be set before JAX starts.
@@ -34,3 +35,11 @@ def train_records(shared_data):
 
 def akamaster_file(shared_data, depth):
   return glob.glob(os.path.join(shared_data, "pretrained", "akamaster_cifar10", f"resnet{depth}-*.th"))[0]
+
+
+def load_benchmark(name):
+  """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,23 +1,15 @@
 """The benchmarks run end to end at toy sizes (their numbers are not checked here)."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import REPO, load_benchmark
 
 
 def test_speed_benchmark_prints_both_tables(shared_data, capsys):
-  speed = _load("speed")
+  speed = load_benchmark("speed")
   assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--unique-policies", "2", "--curriculum-batch", "8",
                      "--curriculum-points", "2", "--curriculum-keep", "0.5",
@@ -41,7 +33,7 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
 
 
 def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
-  speed = _load("speed")
+  speed = load_benchmark("speed")
   assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--unique-policies", "2", "--curriculum-keep",
                      "--imagenet-nets", "--modes", "batch_skip",
@@ -55,7 +47,7 @@ def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
 
 
 def test_speed_benchmark_refuses_a_mode_no_table_has(shared_data, capsys):
-  speed = _load("speed")
+  speed = load_benchmark("speed")
   with pytest.raises(SystemExit) as exit_info:
     speed.main(["--nets", "cifar_resnet20", "--images", "8", "--modes", "batch_skip", "grouped"])
   assert exit_info.value.code == 2
@@ -76,7 +68,7 @@ def trained_run(tmp_path_factory, shared_data):
 
 def test_speed_benchmark_times_a_trained_runs_policies(trained_run, capsys):
   from blockdrop_jax import data, flops
-  speed = _load("speed")
+  speed = load_benchmark("speed")
   assert speed.main(["--checkpoint", trained_run, "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--curriculum-batch", "8", "--curriculum-points", "2",
                      "--curriculum-keep", "trained", "0.5", "--modes", "batch_skip"]) == 0
@@ -106,14 +98,14 @@ def test_speed_benchmark_times_a_trained_runs_policies(trained_run, capsys):
     (["--checkpoint", "nowhere"], "nowhere is not a training workdir")])
 def test_speed_benchmark_refuses_bad_checkpoint_or_policy_arguments(trained_run, capsys, args,
                                                                     message):
-  speed = _load("speed")
+  speed = load_benchmark("speed")
   with pytest.raises(SystemExit) as exit_info:
     speed.main([trained_run if arg == "RUN" else arg for arg in args])
   assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_train_steps_benchmark_times_every_stage(shared_data, capsys):
-  train_steps = _load("train_steps")
+  train_steps = load_benchmark("train_steps")
   assert train_steps.main(["--nets", "cifar_resnet8", "--batch", "4", "--repeats", "1"]) == 0
   rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
           if line.startswith("| cifar_resnet8 | ")]

@@ -7,7 +7,7 @@ import pytest
 
 from blockdrop_jax import configs, data, trainer
 from blockdrop_jax.errors import BlockDropError
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 CLASSES = ("n01", "n02", "n03")
 
@@ -54,7 +54,7 @@ def test_empty_or_broken_folders_are_clear_errors(tmp_path, image_folder):
     data.load_dataset(str(tmp_path / "broken"), "train").images[:1]
 
 
-def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path):
+def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path, capsys):
   """The R101_ImgNet config's pipeline (random 224 crops of 256 images, policy at 112 px), with a
   ResNet-10 base from scratch so it runs in seconds: every stage and the report."""
   config = configs.load(os.path.join(REPO, "configs", "r101_imgnet.py") + ":smoke", [
@@ -68,3 +68,8 @@ def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path):
   assert 0 <= metrics["test_blocks_mean"] <= 4  # ResNet-10: K = 4
   nets = trainer.load_run(str(tmp_path / "run"))[0]
   assert nets.resnet.image_size == 224 and nets.policy.input_pool == 2
+  # The speed benchmark times CIFAR runs on 32 px images: a 224 px run is one clear error.
+  with pytest.raises(SystemExit) as exit_info:
+    load_benchmark("speed").main(["--checkpoint", str(tmp_path / "run")])
+  assert exit_info.value.code == 2
+  assert "is a run on 224 px images" in capsys.readouterr().err
