@@ -141,7 +141,12 @@ def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
     modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), CONCURRENT_BATCH)
   modes.update(masked=masked, batch_skip=batch_skip, looped=looped, compact=compact)
   if batch == 1:
-    # What packing the weights saves: the same mode given the variables dict at every call.
+    # What compiling the weights in saves (Runner): the same mode given its weights at every
+    # call, packed (as Runner did until session 12) and as the variables dict.
+    packed, packing = execution.pack(variables)
+    as_arguments = compilation.jit(lambda weights, x, p: execution.batch_skip_apply(
+        spec, execution.unpack(weights, packing), x, p))
+    modes["batch_skip, weights as packed arguments"] = lambda x, p: as_arguments(packed, x, p)
     unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
     modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
     modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
@@ -160,8 +165,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
   values), and at batch 256 also as batches of 16 called side by side from 2 threads, the way the
   grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
   effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
-  modes. The full network and the jitted modes run through ``execution.Runner`` (weights packed
-  once), as a server would. ``only``: time just these modes (and the full network's forms), to
+  modes. The full network and the jitted modes run through ``execution.Runner`` (weights
+  compiled in), as a server would. ``only``: time just these modes (and the full network's forms), to
   spare compilations where they are slow."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))

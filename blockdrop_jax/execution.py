@@ -25,7 +25,7 @@ and compact and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches
 compact costs launches, and masked execution is fastest at batch 256 (``compact_pays``).
 
 ``Runner`` serves repeated calls with one network (batch 1, a stream of batches): its weights are
-packed once (``pack``), so each call hands XLA about 110 arrays instead of about 550.
+compiled into its program, so each call hands XLA only the images and the policy.
 """
 
 from __future__ import annotations
@@ -294,8 +294,9 @@ def pack(variables) -> tuple[tuple, Packing]:
 
   Each array passed to a compiled function costs dispatch time: with ResNet-110's 547 leaves a
   call spent about 0.2 ms before computing anything (development CPU), a tenth of what one image
-  at batch 1 takes with 35% of the blocks. Packed, it passes 111 arrays; the slices that unpack
-  the vector inside ``jit`` fuse into their consumers, so the values are the same."""
+  at batch 1 takes with 35% of the blocks. Packed, it passes 111 arrays, and ``unpack``'s slices
+  of the vector inside ``jit`` give the same values (though each runs as an operation of its
+  own unless the weights are compiled in, as ``Runner`` does)."""
   leaves, treedef = jax.tree.flatten(variables)
   in_vector = tuple(np.ndim(leaf) <= 1 and leaf.dtype == jnp.float32 for leaf in leaves)
   vector = _concatenate([leaf for leaf, small in zip(leaves, in_vector) if small])
@@ -335,30 +336,31 @@ def _laid_out_and_packed(mode: str, spec: ResNetSpec, variables) -> tuple[tuple,
   return pack(prepare(spec, variables) if prepare else variables)
 
 
-@functools.cache
-def _compiled(mode: str, spec: ResNetSpec, packing: Packing):
-  """``mode`` of ``spec`` jitted over packed weights, shared by every ``Runner`` of that layout
-  (looked up once per ``Runner``: hashing a ``Packing`` at every call would cost 10+ us)."""
-  return compilation.jit(
-      lambda packed, images, policy: _APPLY[mode](spec, unpack(packed, packing), images, policy))
-
-
 class Runner:
   """Compiled inference of one network in one jitted mode (``masked``, ``batch_skip``,
   ``looped``, ``compact``), for repeated calls: ``Runner(mode, spec, variables)(images, policy)``.
+  ``masked`` with ``policy=None`` is the full network.
 
-  The weights are packed once, so a call passes the images, the policy and ~110 arrays. ``masked``
-  with ``policy=None`` is the full network. Compilations are shared by every ``Runner`` of the
-  same mode, network and image shape."""
+  The weights are compiled into the program: packed once and closed over by the jitted function,
+  so a call passes only the images and the policy. JAX 0.10 embeds closed-over arrays in the
+  program as constants, and XLA then does ahead of time what it otherwise does at every call:
+  unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs before
+  each block's ``cond``. At batch 1 that made ``batch_skip`` 1.10-1.15x as fast (ResNet-110 and
+  ImageNet ResNet-101, 35% kept) and halved compile times; at batch 128 it changed nothing
+  (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments instead run at
+  the speed of packed arguments (about 110 arrays, hence the packing). Each ``Runner`` compiles
+  its own program, once per image shape, holding a copy of the weights."""
 
   def __init__(self, mode: str, spec: ResNetSpec, variables):
     if mode not in _APPLY:
       raise ValueError(f"unknown jitted execution mode {mode!r}; choose one of {tuple(_APPLY)}")
-    self._packed, packing = _laid_out_and_packed(mode, spec, variables)
-    self._apply = _compiled(mode, spec, packing)
+    packed, packing = _laid_out_and_packed(mode, spec, variables)
+    apply = _APPLY[mode]
+    self._apply = compilation.jit(
+        lambda images, policy: apply(spec, unpack(packed, packing), images, policy))
 
   def __call__(self, images, policy: Optional[Any] = None):
-    return self._apply(self._packed, images, policy)
+    return self._apply(images, policy)
 
 
 def bucket_sizes(max_batch: int, smallest: int = 1, growth: int = 2) -> tuple[int, ...]:

@@ -1,5 +1,7 @@
 """Every execution mode gives the masked outputs, on real images and pretrained weights."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -88,6 +90,19 @@ def test_runner_equals_the_plain_network(net):
                                atol=TOL, err_msg=f"{mode} at batch 1")
   with pytest.raises(ValueError, match="unknown jitted execution mode 'grouped'"):
     execution.Runner("grouped", spec, variables)
+
+
+@pytest.mark.skipif(jax.config.jax_use_simplified_jaxpr_constants,
+                    reason="this JAX passes closed-over arrays to the program as arguments")
+def test_runner_compiles_its_weights_into_the_program(net):
+  """A Runner's program takes only the images and the policy: its weights are constants of the
+  program, which made batch_skip at batch 1 1.1-1.15x as fast (docs/results.md)."""
+  spec, variables, images = net
+  policy = _policies(1, spec.num_blocks, seed=3)
+  for mode in ("masked", "batch_skip"):
+    program = execution.Runner(mode, spec, variables)._apply.lower(images[:1], policy).as_text()
+    arguments = re.search(r"func\.func public @main\((.*?)\) ->", program).group(1)
+    assert arguments.count("%arg") == 2, (mode, arguments[:300])
 
 
 @pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 2),
