@@ -105,6 +105,22 @@ def test_runner_compiles_its_weights_into_the_program(net):
     assert arguments.count("%arg") == 2, (mode, arguments[:300])
 
 
+def test_run_compiles_once_for_any_weights(net, monkeypatch):
+  """One-off ``execution.run`` calls share a compilation per network and shape (weights are
+  arguments there); only a Runner compiles its own weights in."""
+  spec, variables, images = net
+  traces = []
+  monkeypatch.setitem(execution._APPLY, "compact",
+                      lambda *args: traces.append(1) or execution.compact_apply(*args))
+  execution._compiled.cache_clear()
+  policy = _policies(4, spec.num_blocks, seed=6)
+  other = jax.tree.map(lambda leaf: leaf * 0.5, variables)
+  first = execution.run("compact", spec, variables, images[:4], policy)
+  second = execution.run("compact", spec, other, images[:4], policy)
+  assert len(traces) == 1
+  assert not np.allclose(first, second)  # the second call used its own weights
+
+
 @pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 2),
                                             ("blockwise", 2)])
 def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
