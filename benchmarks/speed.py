@@ -144,8 +144,7 @@ def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
     # What compiling the weights in saves (Runner): the same mode given its weights at every
     # call, packed (as Runner did until session 12) and as the variables dict.
     packed, packing = execution.pack(variables)
-    as_arguments = compilation.jit(lambda weights, x, p: execution.batch_skip_apply(
-        spec, execution.unpack(weights, packing), x, p))
+    as_arguments = execution._compiled("batch_skip", spec, packing)  # what execution.run calls
     modes["batch_skip, weights as packed arguments"] = lambda x, p: as_arguments(packed, x, p)
     unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
     modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
@@ -166,8 +165,8 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
   grouped executor runs its groups; speedups are over the fastest, so that neither a compiler
   effect on one graph (XLA:CPU once ran the plain graph 1.7x slower) nor the threads flatter the
   modes. The full network and the jitted modes run through ``execution.Runner`` (weights
-  compiled in), as a server would. ``only``: time just these modes (and the full network's forms), to
-  spare compilations where they are slow."""
+  compiled in), as a server would. ``only``: time just these modes (and the full network's
+  forms), to spare compilations where they are slow."""
   table = flops.flops_table(spec)
   flops_speedup = table.full / float(np.mean(table.under(policies)))
   modes, grouped = inference_modes(spec, variables, batch)

@@ -347,9 +347,9 @@ class Runner:
   unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs before
   each block's ``cond``. At batch 1 and 35% kept that made ``batch_skip`` 1.05-1.18x as fast on
   ResNet-110 and 1.02-1.12x on ImageNet ResNet-101, and compile faster; at batch 128 it changed
-  nothing (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments instead run at
-  the speed of packed arguments (about 110 arrays, hence the packing). Each ``Runner`` compiles
-  its own program, once per image shape, holding a copy of the weights."""
+  nothing (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments
+  instead run at the speed of packed arguments (about 110 arrays, hence the packing). Each
+  ``Runner`` compiles its own program, once per image shape, holding a copy of the weights."""
 
   def __init__(self, mode: str, spec: ResNetSpec, variables):
     if mode not in _APPLY:
