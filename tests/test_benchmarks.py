@@ -21,6 +21,7 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   assert modes >= {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
                    "masked", "batch_skip", "looped", "compact",
                    "compact, batches of 4, 2 in flight", "blockwise",
+                   "batch_skip, weights as packed arguments", "batch_skip, weights unpacked",
                    "grouped, looped inside, 2 in flight", "grouped, looped inside, 1 in flight",
                    "grouped, batch_skip inside, 2 in flight", "grouped, blockwise inside"}
   # Speedups are over the faster way of running the full network, so that one reads 1.00.
