@@ -345,9 +345,9 @@ class Runner:
   so a call passes only the images and the policy. JAX 0.10 embeds closed-over arrays in the
   program as constants, and XLA then does ahead of time what it otherwise does at every call:
   unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs before
-  each block's ``cond``. At batch 1 and 35% kept that made ``batch_skip`` 1.05-1.18x as fast on
-  ResNet-110 and 1.02-1.12x on ImageNet ResNet-101, and compile faster; at batch 128 it changed
-  nothing (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments
+  each block's ``cond``. That saves about 0.1 ms per call (ResNet-110, development CPU), about 5%
+  of an image at batch 1 and 35% kept, and halves compile times; at batch 128 it changed nothing
+  (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments
   instead run at the speed of packed arguments (about 110 arrays, hence the packing). Each
   ``Runner`` compiles its own program, once per image shape, holding a copy of the weights."""
 

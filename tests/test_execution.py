@@ -96,7 +96,7 @@ def test_runner_equals_the_plain_network(net):
                     reason="this JAX passes closed-over arrays to the program as arguments")
 def test_runner_compiles_its_weights_into_the_program(net):
   """A Runner's program takes only the images and the policy: its weights are constants of the
-  program, which made batch_skip at batch 1 up to 1.18x as fast (docs/results.md)."""
+  program, which saves about 0.1 ms per batch_skip call (docs/results.md)."""
   spec, variables, images = net
   policy = _policies(1, spec.num_blocks, seed=3)
   for mode in ("masked", "batch_skip"):
