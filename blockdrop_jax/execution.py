@@ -336,6 +336,11 @@ def _laid_out_and_packed(mode: str, spec: ResNetSpec, variables) -> tuple[tuple,
   return pack(prepare(spec, variables) if prepare else variables)
 
 
+def _apply_packed(mode: str, spec: ResNetSpec, packing: Packing, packed, images, policy):
+  """``mode``'s logits from packed weights: what ``Runner`` and ``run`` compile."""
+  return _APPLY[mode](spec, unpack(packed, packing), images, policy)
+
+
 class Runner:
   """Compiled inference of one network in one jitted mode (``masked``, ``batch_skip``,
   ``looped``, ``compact``), for repeated calls: ``Runner(mode, spec, variables)(images, policy)``.
@@ -347,17 +352,15 @@ class Runner:
   unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs before
   each block's ``cond``. That saves about 0.1 ms per call (ResNet-110, development CPU), about 5%
   of an image at batch 1 and 35% kept, and halves compile times; at batch 128 it changed nothing
-  (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments
-  instead run at the speed of packed arguments (about 110 arrays, hence the packing). Each
-  ``Runner`` compiles its own program, once per image shape, holding a copy of the weights."""
+  (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments instead run
+  at the speed of packed arguments (about 110 arrays, hence the packing). Each ``Runner``
+  compiles its own program, once per image shape, holding a copy of the weights."""
 
   def __init__(self, mode: str, spec: ResNetSpec, variables):
     if mode not in _APPLY:
       raise ValueError(f"unknown jitted execution mode {mode!r}; choose one of {tuple(_APPLY)}")
     packed, packing = _laid_out_and_packed(mode, spec, variables)
-    apply = _APPLY[mode]
-    self._apply = compilation.jit(
-        lambda images, policy: apply(spec, unpack(packed, packing), images, policy))
+    self._apply = compilation.jit(functools.partial(_apply_packed, mode, spec, packing, packed))
 
   def __call__(self, images, policy: Optional[Any] = None):
     return self._apply(images, policy)
@@ -520,8 +523,7 @@ def _in_input_order(results, num_images: int) -> np.ndarray:
 def _compiled(mode: str, spec: ResNetSpec, packing: Packing):
   """``mode`` of ``spec`` jitted over packed weights passed as arguments: one compilation shared by
   every ``run`` call with that network and layout, whatever the weights."""
-  return compilation.jit(
-      lambda packed, images, policy: _APPLY[mode](spec, unpack(packed, packing), images, policy))
+  return compilation.jit(functools.partial(_apply_packed, mode, spec, packing))
 
 
 def run(mode: str, spec: ResNetSpec, variables, images, policy):
