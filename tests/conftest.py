@@ -3,6 +3,8 @@
 import glob
 import importlib.util
 import os
+import shutil
+import tempfile
 
 # Eight fake CPU devices for the data-parallel tests; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,6 +14,33 @@ import pytest  # noqa: E402
 from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A persistent compilation cache for the train.py and evaluate.py processes the tests start: each
+# compiles the same steps again (tests/test_train.py run alone: 2.9 minutes without it, 1.8 with
+# it; docs/results.md, section 4). Made by the process that loads this file first (xdist's
+# controller, whose workers inherit the variable) and removed when that process ends. The test
+# processes themselves do without: there writing the cache cost more than it saved.
+CACHE_ENV, CACHE_OWNER_ENV = "BLOCKDROP_TEST_COMPILATION_CACHE", "BLOCKDROP_TEST_CACHE_OWNER"
+if CACHE_ENV not in os.environ:
+  os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="blockdrop-jax-test-cache-")
+  os.environ[CACHE_OWNER_ENV] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+  if os.environ.get(CACHE_OWNER_ENV) == str(os.getpid()):
+    shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
+
+
+def cli_env(devices: int, cache: bool = True) -> dict:
+  """The environment of a train.py or evaluate.py process that a test starts: ``devices`` fake
+  CPU devices and, with ``cache``, the session's compilation cache for every program it compiles
+  (a finite cache size turns on JAX's file lock: no process reads an entry half written)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
+  return env
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 
 from blockdrop_jax import BlockDropError, parallel, steps
 from blockdrop_jax.models import resnet
-from conftest import REPO
+from conftest import REPO, cli_env
 
 TOL = dict(rtol=2e-4, atol=2e-5)  # float32 sums in a different order across devices
 UPDATE_TOL = 2e-3  # of the largest update in each tensor: gradients summed in another order
@@ -119,11 +119,11 @@ def test_uneven_global_batch_is_a_clear_error(setup):
 
 
 def _train(workdir, devices, *overrides):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config",
                          os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke",
                          "--workdir", str(workdir), "--no-progress", *overrides],
-                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=cli_env(devices))
 
 
 def test_checkpoint_from_8_devices_resumes_on_1_and_4(tmp_path, shared_data):

@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
 SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
 
 
 # One CPU device: the multi-device runs are tests/test_parallel.py's.
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = cli_env(devices=1)
 
 
 def train_cmd(workdir, *overrides, config=SMOKE):
@@ -84,8 +84,10 @@ def test_each_epoch_logs_its_training_throughput(uninterrupted):
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
+  # Without the shared compilation cache: a kill amid a write would leave a truncated entry.
   proc = subprocess.Popen(train_cmd(workdir, "--config.checkpoint_every_steps=1"), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=cli_env(devices=1, cache=False))
   # Kill once a mid-epoch checkpoint of the curriculum exists: 3 steps an epoch, pretraining takes
   # steps 1-3, so step 5 is the second batch of the curriculum's first epoch.
   target = workdir / "checkpoints" / "5"
