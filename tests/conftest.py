@@ -16,10 +16,10 @@ from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A persistent compilation cache for the train.py and evaluate.py processes the tests start: each
-# compiles the same steps again (tests/test_train.py run alone: 2.9 minutes without it, 1.8 with
-# it; docs/results.md, section 4). Made by the process that loads this file first (xdist's
-# controller, whose workers inherit the variable) and removed when that process ends. The test
-# processes themselves do without: there writing the cache cost more than it saved.
+# compiles the same steps again (tests/test_train.py alone: 2.9 minutes without it, 1.8 with it;
+# the suite 7:51 against 7:30, docs/results.md, section 4). Made by the process that loads this
+# file first (xdist's controller, whose workers inherit the variable) and removed when that
+# process ends. The test processes do without: there writing it cost more than it saved.
 CACHE_ENV, CACHE_OWNER_ENV = "BLOCKDROP_TEST_COMPILATION_CACHE", "BLOCKDROP_TEST_CACHE_OWNER"
 if CACHE_ENV not in os.environ:
   os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="blockdrop-jax-test-cache-")
