@@ -40,6 +40,8 @@ def cli_env(devices: int, cache: bool = True) -> dict:
     env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
+  else:  # nor one the user set for their own runs
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return env
 
 
