@@ -143,8 +143,9 @@ def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
   if batch == 1:
     # What compiling the weights in saves (Runner): the same mode given its weights at every
     # call, packed (as Runner did until session 12) and as the variables dict.
-    packed, packing = execution.pack(variables)
-    as_arguments = execution._compiled("batch_skip", spec, packing)  # what execution.run calls
+    # What execution.run does: the mode's layout packed, then one compilation over it.
+    packed, packing = execution._laid_out_and_packed("batch_skip", spec, variables)
+    as_arguments = execution._compiled("batch_skip", spec, packing)
     modes["batch_skip, weights as packed arguments"] = lambda x, p: as_arguments(packed, x, p)
     unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
     modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
