@@ -15,7 +15,8 @@ turns in each run, so the machine's drifts hit them alike), compile time, the FL
 the measured speedup over the full network (the fastest of its plain graph, masked execution with
 every block kept and, at batch 256, batches of 16 two in flight), and the curriculum step (the
 trainer's optimiser) with the original's two masked passes and with compact passes, averaged over
-the schedule.
+the schedule. Each speedup twice: as the ratio of the medians, and paired, as the median and
+quartiles over the repeats of the ratio within each repeat (``paired_ratio``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def timed_call(fn) -> tuple[float, object]:
 
 
 def timed_alternately(fns: dict, repeats: int) -> dict:
-  """{name: (compile + first run seconds, median seconds of ``repeats`` later runs)}.
+  """{name: (compile + first run seconds, seconds of each of ``repeats`` later runs)}.
 
   The functions take turns within each repeat, so a drift of the machine's speed (large here:
   it shares its host) slows all of them alike instead of whichever ran during it."""
@@ -58,7 +59,18 @@ def timed_alternately(fns: dict, repeats: int) -> dict:
   for _ in range(repeats):
     for name, fn in fns.items():
       runs[name].append(timed_call(fn)[0])
-  return {name: (first[name], statistics.median(runs[name])) for name in fns}
+  return {name: (first[name], runs[name]) for name in fns}
+
+
+def paired_ratio(numerator_runs: Sequence[float], denominator_runs: Sequence[float]) -> tuple:
+  """(first quartile, median, third quartile) over repeats of the ratio of two timings taken in
+  the same repeat. The ratio of the medians moves by a few hundredths between identical programs
+  on this shared machine (docs/results.md, session 13); pairing the timings of one repeat, taken
+  seconds apart, cancels the slower drifts, and the quartiles show what is left."""
+  ratios = [a / b for a, b in zip(numerator_runs, denominator_runs, strict=True)]
+  if len(ratios) == 1:
+    return tuple(ratios * 3)
+  return tuple(statistics.quantiles(ratios, n=4, method="inclusive"))
 
 
 def load_net(name: str, shared: str):
@@ -177,12 +189,14 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
       repeats)
-  rows = [{"mode": mode, "seconds": seconds, "images_per_s": len(images) / seconds,
-           "first_call_s": first, "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
-          for mode, (first, seconds) in times.items()]
-  full_seconds = min(row["seconds"] for row in rows if row["mode"] in FULL_MODES)
+  rows = [{"mode": mode, "seconds": statistics.median(runs), "runs": runs,
+           "images_per_s": len(images) / statistics.median(runs), "first_call_s": first,
+           "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
+          for mode, (first, runs) in times.items()]
+  full = min((row for row in rows if row["mode"] in FULL_MODES), key=lambda row: row["seconds"])
   for row in rows:
-    row["measured_speedup"] = full_seconds / row["seconds"]
+    row["measured_speedup"] = full["seconds"] / row["seconds"]
+    row["paired_speedup"] = paired_ratio(full["runs"], row["runs"])
   for row in rows:
     if row["mode"] in grouped:
       row["compilations"] = grouped[row["mode"]].trace_count
@@ -220,7 +234,8 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
   # spread over the whole schedule instead of landing on the points measured during it.
   times = timed_alternately({(p, k): lambda p=p, k=k: step[p](state, x, y, k=jnp.int32(k))
                              for k in ks for p in passes}, repeats)
-  per_k = {p: [times[p, k][1] for k in ks] for p in passes}
+  runs = {p: np.array([times[p, k][1] for k in ks]) for p in passes}  # (points, repeats)
+  per_k = {p: np.median(runs[p], axis=1) for p in passes}
   # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
   # ramp, i.e. a schedule of 2K epochs, as the subset configs run. The original's 5000-epoch
   # schedules (configs/r110_c10.py) spend nearly every epoch at k = K: its per-k entry.
@@ -232,8 +247,15 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
     rows.append({"net": spec.name, "batch": batch, "passes": p, "policy": policy_name,
                  "images_per_s": batch / mean_seconds, "first_call_s": first_call[p],
                  "per_k": dict(zip(ks, [batch / s for s in per_k[p]])),
-                 "blocks_run": float(np.dot(weights, blocks[p]) / weights.sum())})
+                 "blocks_run": float(np.dot(weights, blocks[p]) / weights.sum()),
+                 # The schedule's time in each repeat, every point of it timed in that repeat.
+                 "schedule_runs": list(weights @ runs[p] / weights.sum())})
   return rows
+
+
+def quartiles_text(quartiles: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
+  q1, median, q3 = (q / scale for q in quartiles)
+  return f"{median:.2f}{unit} ({q1:.2f}-{q3:.2f})"
 
 
 def print_rows(name: str, batch: int, rows: list[dict]) -> None:
@@ -242,6 +264,7 @@ def print_rows(name: str, batch: int, rows: list[dict]) -> None:
     extra = f" ({row['compilations']} compilations)" if "compilations" in row else ""
     print(f"| {name} | {batch} | {row['mode']}{extra} | {row['images_per_s']:.1f} | "
           f"{row['flops_speedup']:.2f} | {row['measured_speedup']:.2f} | {ratio:.2f} | "
+          f"{quartiles_text(row['paired_speedup'], row['flops_speedup'])} | "
           f"{row['first_call_s']:.1f} |", flush=True)
 
 
@@ -327,8 +350,8 @@ def main(argv=None) -> int:
   print(f"; median of {args.repeats} runs after a warm-up\n")
   if not args.only_curriculum:
     print("| net | batch | mode | images/s | FLOPs speedup | measured speedup | measured/FLOPs | "
-          "first call s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "paired measured/FLOPs (quartiles) | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|")
   curriculum = []
   for spec, variables in nets:
     policies = trained_policies if run else sample_policies(
@@ -352,15 +375,17 @@ def main(argv=None) -> int:
   if not curriculum:
     return 0
   print("\n| net | policy | curriculum passes | images/s (schedule mean) | per k | blocks run | "
-        "speedup | first call s |")
-  print("|---|---|---|---|---|---|---|---|")
+        "speedup | paired speedup (quartiles) | first call s |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for masked, compact in zip(curriculum[::2], curriculum[1::2]):
     policy = masked["policy"]
     for row in (masked, compact):
       per_k = ", ".join(f"k={k}: {v:.0f}" for k, v in row["per_k"].items())
       speedup = row["images_per_s"] / masked["images_per_s"]
+      paired = paired_ratio(masked["schedule_runs"], row["schedule_runs"])
       print(f"| {row['net']} | {policy} | {row['passes']} | {row['images_per_s']:.1f} | {per_k} | "
-            f"{row['blocks_run']:.0%} | {speedup:.2f}x | {row['first_call_s']:.1f} |", flush=True)
+            f"{row['blocks_run']:.0%} | {speedup:.2f}x | {quartiles_text(paired, unit='x')} | "
+            f"{row['first_call_s']:.1f} |", flush=True)
   return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import jax
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
   for name in args.nets:
     spec, variables = load_net(name, shared)
     times = timed_alternately(stage_steps(spec, variables, images, labels), args.repeats)
-    for step, (first, seconds) in times.items():
+    for step, (first, runs) in times.items():
+      seconds = statistics.median(runs)
       print(f"| {name} | {step} | {args.batch / seconds:.1f} | {seconds:.3f} | {first:.1f} |",
             flush=True)
   return 0

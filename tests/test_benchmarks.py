@@ -27,10 +27,29 @@ def test_speed_benchmark_prints_both_tables(shared_data, capsys):
   # Speedups are over the faster way of running the full network, so that one reads 1.00.
   full_rows = [line.split(" | ") for line in inference if line.split(" | ")[2].startswith("full")]
   assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"
+  # ... and paired with itself in every repeat it is exactly 1.
+  assert "1.00 (1.00-1.00)" in {row[7] for row in full_rows if row[1] == "8"}
   imagenet = [line.split(" | ") for line in lines if line.startswith("| imagenet_resnet10 | ")]
   assert {row[1] for row in imagenet} == {"1"} and "batch_skip" in {row[2] for row in imagenet}
-  curriculum = [line for line in lines if "bias logit(0.5)" in line]
-  assert [line.split(" | ")[2] for line in curriculum] == ["masked", "compact"]
+  curriculum = [line.split(" | ") for line in lines if "bias logit(0.5)" in line]
+  assert [row[2] for row in curriculum] == ["masked", "compact"]
+  assert curriculum[0][7] == "1.00x (1.00-1.00)"
+
+
+def test_paired_ratio_is_the_median_and_quartiles_of_ratios_within_each_repeat():
+  speed = load_benchmark("speed")
+  full, mode = [2.0, 4.0, 6.0, 8.0, 10.0], [2.0, 2.0, 2.0, 2.0, 2.0]
+  assert speed.paired_ratio(full, mode) == (2.0, 3.0, 4.0)
+  # A slowdown of the machine that hits both timings of a repeat alike changes nothing, however
+  # large, while the ratio of the medians moves with it.
+  drift = [1.0, 3.0, 1.0, 0.5, 0.5]
+  slowed_full = [t * d for t, d in zip(full, drift)]
+  slowed_mode = [t * d for t, d in zip(mode, drift)]
+  assert speed.paired_ratio(slowed_full, slowed_mode) == (2.0, 3.0, 4.0)
+  assert np.median(slowed_full) / np.median(slowed_mode) == 2.5
+  assert speed.paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+  with pytest.raises(ValueError):
+    speed.paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
