@@ -2,6 +2,7 @@
 test_train.py so that the two files run in parallel workers)."""
 
 import os
+import threading
 
 import jax
 import numpy as np
@@ -41,6 +42,20 @@ def test_checkpoint_cadence_must_be_positive(shared_data):
 def test_missing_base_checkpoint_from_the_command_line(tmp_path, shared_data):
   _one_line_error(run_train(tmp_path, "--config.base.checkpoint=/nope/resnet.th"),
                   "base checkpoint not found: /nope/resnet.th")
+
+
+def test_a_run_that_stops_on_an_error_closes_its_logs(tmp_path, shared_data):
+  """A TensorBoard writer left open until interpreter exit printed a traceback under the error
+  message on Python 3.12, where threads can no longer start at exit."""
+  from blockdrop_jax import configs, trainer
+  from blockdrop_jax.errors import BlockDropError
+  config = configs.load(SMOKE, ["--config.stages=pretrain", "--config.pretrain.lr=1e30"])
+  before = set(threading.enumerate())
+  with pytest.raises(BlockDropError, match="NaN"):
+    trainer.train(config, str(tmp_path), progress=False)
+  started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+  # tqdm's monitor is one thread per process, started by the first progress bar.
+  assert [t for t in started if t.name != "tqdm_monitor"] == []
 
 
 def test_nan_stops_without_saving_it(tmp_path, shared_data):
