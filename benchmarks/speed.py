@@ -189,10 +189,12 @@ def inference_rows(spec, variables, images, policies, batch: int, repeats: int,
       {mode: lambda fn=fn: [fn(images[i:i + batch], policies[i:i + batch])
                             for i in range(0, len(images), batch)] for mode, fn in modes.items()},
       repeats)
-  rows = [{"mode": mode, "seconds": statistics.median(runs), "runs": runs,
-           "images_per_s": len(images) / statistics.median(runs), "first_call_s": first,
-           "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup}
-          for mode, (first, runs) in times.items()]
+  rows = []
+  for mode, (first, runs) in times.items():
+    seconds = statistics.median(runs)
+    rows.append({"mode": mode, "seconds": seconds, "runs": runs,
+                 "images_per_s": len(images) / seconds, "first_call_s": first,
+                 "flops_speedup": 1.0 if mode in FULL_MODES else flops_speedup})
   full = min((row for row in rows if row["mode"] in FULL_MODES), key=lambda row: row["seconds"])
   for row in rows:
     row["measured_speedup"] = full["seconds"] / row["seconds"]
