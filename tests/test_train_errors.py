@@ -44,12 +44,16 @@ def test_missing_base_checkpoint_from_the_command_line(tmp_path, shared_data):
                   "base checkpoint not found: /nope/resnet.th")
 
 
+# A learning rate that makes the loss NaN within the first pretraining steps.
+NAN_OVERRIDES = ("--config.stages=pretrain", "--config.pretrain.lr=1e30")
+
+
 def test_a_run_that_stops_on_an_error_closes_its_logs(tmp_path, shared_data):
   """A TensorBoard writer left open until interpreter exit printed a traceback under the error
   message on Python 3.12, where threads can no longer start at exit."""
   from blockdrop_jax import configs, trainer
   from blockdrop_jax.errors import BlockDropError
-  config = configs.load(SMOKE, ["--config.stages=pretrain", "--config.pretrain.lr=1e30"])
+  config = configs.load(SMOKE, list(NAN_OVERRIDES))
   before = set(threading.enumerate())
   with pytest.raises(BlockDropError, match="NaN"):
     trainer.train(config, str(tmp_path), progress=False)
@@ -59,7 +63,7 @@ def test_a_run_that_stops_on_an_error_closes_its_logs(tmp_path, shared_data):
 
 
 def test_nan_stops_without_saving_it(tmp_path, shared_data):
-  proc = run_train(tmp_path, "--config.stages=pretrain", "--config.pretrain.lr=1e30")
+  proc = run_train(tmp_path, *NAN_OVERRIDES)
   _one_line_error(proc, "NaN")
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   from blockdrop_jax import trainer
