@@ -133,10 +133,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
   """({name: fn(images, policy)} of every mode of a table at ``batch``, the grouped ones among
   them by name). Building them compiles nothing."""
-  grouped = {name: execution.GroupedExecutor(spec, variables, max_batch=batch, **options)
+  grouped = {name: execution.GroupedExecutor(spec, variables, **options)
              for name, options in (
       (f"grouped, looped inside, {IN_FLIGHT} in flight", dict(workers=IN_FLIGHT)),
-      # What the threads add: one batch at a time.
+      # What the threads add: one program at a time.
       ("grouped, looped inside, 1 in flight", dict(workers=1)),
       # What the loops add: a cond per block.
       (f"grouped, batch_skip inside, {IN_FLIGHT} in flight",
@@ -263,7 +263,8 @@ def quartiles_text(quartiles: Sequence[float], scale: float = 1.0, unit: str = "
 def print_rows(name: str, batch: int, rows: list[dict]) -> None:
   for row in rows:
     ratio = row["measured_speedup"] / row["flops_speedup"]
-    extra = f" ({row['compilations']} compilations)" if "compilations" in row else ""
+    count = row.get("compilations")
+    extra = "" if count is None else f" ({count} compilation{'' if count == 1 else 's'})"
     print(f"| {name} | {batch} | {row['mode']}{extra} | {row['images_per_s']:.1f} | "
           f"{row['flops_speedup']:.2f} | {row['measured_speedup']:.2f} | {ratio:.2f} | "
           f"{quartiles_text(row['paired_speedup'], row['flops_speedup'])} | "

@@ -100,7 +100,7 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
     policies = batched(lambda x: _greedy_policy(nets, params, stats, x, k), (dataset.images,),
                        batch_size, desc="policies", progress=progress)
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-    executor = execution.GroupedExecutor(nets.resnet, variables, max_batch=batch_size)
+    executor = execution.GroupedExecutor(nets.resnet, variables)
     window = grouped_window or 8 * batch_size
 
     def window_logits(first):

@@ -13,9 +13,8 @@
   over its kept blocks (``looped_skip_apply``): no ``cond`` per dropped block, one compiled block
   body per run.
 - ``grouped``: images are grouped by policy vector and each group runs ``looped``, so each group
-  runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, so the number of
-  compilations is bounded by the number of buckets, not by the number of policies; two chunks are
-  in flight at once.
+  runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, and two programs,
+  each looping over its share of the chunks, run at once: one compilation for any policies.
 - ``blockwise``: the policy is read on the host and only the kept blocks are called, each a
   small compiled function (batch 1, or inside ``grouped`` on request).
 - batch 1 with ``batch_skip`` or ``blockwise`` runs exactly that image's blocks.
@@ -438,74 +437,143 @@ class BlockwiseRunner:
     return self._head(self._only(variables, "fc"), x)
 
 
+# The largest batch of one policy group: groups are cut into batches of at most this many images.
+# On the development CPU, ResNet-110 with 4 policies over 256 images (groups of about 64) ran
+# about 3% slower with batches of up to 32 and 12% slower with batches of up to 64 (scratch, 15
+# repeats; docs/results.md, session 15).
+GROUP_BATCH = 16
+
+
+def share_out(costs: Sequence[float], workers: int) -> list[list[int]]:
+  """Indices of ``costs`` dealt to ``workers`` shares of about equal total cost: each next
+  largest to the share that has least so far, so the shares finish together."""
+  shares, totals = [[] for _ in range(workers)], [0.0] * workers
+  for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+    lightest = totals.index(min(totals))
+    shares[lightest].append(index)
+    totals[lightest] += costs[index]
+  return shares
+
+
 class GroupedExecutor:
   """Policy-grouped batched inference with a bounded number of compilations.
 
   ``GroupedExecutor(spec, variables)(images, policies)`` returns the logits of every image in
-  input order, equal to masked execution. Each group runs through ``inner``: "looped" (the
-  default) or "batch_skip", one compiled function per bucket size (the weights laid out and packed
-  once, when the executor is built, as ``Runner`` does: 8 ms per call for ResNet-110 otherwise),
-  or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size). On
-  ResNet-110 the looped functions compile in 5-6 s against 29-40 s for ``batch_skip``'s ``cond``
-  per block, and run as fast within the noise (docs/results.md, runs I-L). Buckets grow by
-  ``growth``: 2 cuts groups into fewer tiny batches than 4 (a group of 15 runs as 8 + 4 + 2 + 1,
-  not 4 + 4 + 4 + 1 + 1 + 1).
+  input order, equal to masked execution. Images are grouped by policy vector and each group is
+  cut into batches of bucket sizes (``plan_batches``: powers of ``growth`` up to ``max_batch``),
+  each of which runs with only its group's blocks through ``inner``: "looped" (the default) or
+  "batch_skip" (a ``cond`` per block; as fast, but ResNet-110 compiles in 30-40 s against 5 s),
+  or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size).
 
-  ``workers`` batches are in flight at once, each called from its own thread. XLA:CPU runs one
-  call at a time per thread, and a batch of 1-4 images leaves cores idle: on the 2-core
-  development CPU, ResNet-110 batches of 1 and 4 ran at 0.73 and 0.84 of the per-image speed of
-  16 one after another, and at 0.80 and 0.97 two at a time. (JAX traces a function once per
-  shape even when threads call it at once.) ``trace_count`` counts compilations.
+  The jitted inners run a whole call in ``workers`` programs, not one per batch: each program
+  gets every image (sorted by group, on the device once) and a table of its share of the batches
+  (``share_out``: shares of about equal work), and runs, per bucket size, a loop over its
+  batches of that size. So one compilation serves every plan of up to the same number of images
+  (a power of 2), a call costs ``workers`` dispatches instead of one per batch, and the shares
+  end together. On ResNet-110 at 35% kept, 256 images, that ran 1.05x as fast as a call per
+  batch with 16 distinct policies, 1.02x with 4, 1.12x with 64 and with 102 (paired medians of 20
+  repeats, docs/results.md, session 15). The weights are laid out and packed once, when the
+  executor is built (as ``Runner`` does: 8 ms per call for ResNet-110 otherwise).
+
+  The ``workers`` programs run at once, each called from its own thread: XLA:CPU runs one call
+  at a time per calling thread, and a call on a few images leaves cores idle (2 against 1 in
+  flight: 0.91 against 0.77 of the FLOPs speedup in run J). ``trace_count`` counts compilations.
   """
 
   INNER = ("looped", "batch_skip", "blockwise")
 
-  def __init__(self, spec: ResNetSpec, variables, max_batch: int = 256, growth: int = 2,
+  def __init__(self, spec: ResNetSpec, variables, max_batch: int = GROUP_BATCH, growth: int = 2,
                inner: str = "looped", workers: int = 2):
     if inner not in self.INNER:
       raise ValueError(f"unknown inner mode {inner!r} for grouped execution; choose one of "
                        f"{self.INNER}")
     if workers < 1:
-      raise ValueError(f"workers must be at least 1 (batches in flight at once), got {workers}")
+      raise ValueError(f"workers must be at least 1 (programs in flight at once), got {workers}")
     self.spec = spec
     self.buckets = bucket_sizes(max_batch, 1, growth)
     self.inner = inner
     self.workers = workers
-    self._group_traces = 0
+    self._program_traces = 0
     if inner == "blockwise":
       self._blockwise = BlockwiseRunner(spec)
-      self._run = functools.partial(self._blockwise, variables)
+      self._variables = variables
     else:
       self._blockwise = None
-      packed, packing = _laid_out_and_packed(inner, spec, variables)
-      self._run = functools.partial(
-          compilation.jit(functools.partial(self._group_logits, packing)), packed)
+      self._packed, packing = _laid_out_and_packed(inner, spec, variables)
+      self._program = compilation.jit(functools.partial(self._share_logits, packing))
 
   @property
   def trace_count(self) -> int:
-    return self._blockwise.trace_count if self._blockwise else self._group_traces
+    return self._blockwise.trace_count if self._blockwise else self._program_traces
 
-  def _group_logits(self, packing, packed, images, policy_row):
-    self._group_traces += 1  # Python side effect: runs once per trace, not per call
-    policy = jnp.broadcast_to(policy_row, (images.shape[0], policy_row.shape[0]))
-    return _APPLY[self.inner](self.spec, unpack(packed, packing), images, policy)
+  def _first_slots(self, capacity: int) -> np.ndarray:
+    """Where each bucket size's batches start in a share's table: room for capacity // size."""
+    return np.cumsum([0] + [capacity // size for size in self.buckets])
+
+  def _share_logits(self, packing, packed, images, starts, policy_rows, counts):
+    """Logits of one share of the batches, at their rows of the sorted ``images`` (zero
+    elsewhere): for bucket size j, the batches in table slots ``first_slots[j]`` onwards,
+    ``counts[j]`` of them, each the ``size`` images from row ``starts[slot]`` under
+    ``policy_rows[slot]``."""
+    self._program_traces += 1  # Python side effect: runs once per trace, not per call
+    variables = unpack(packed, packing)
+    apply = _APPLY[self.inner]
+    logits = jnp.zeros((images.shape[0], self.spec.num_classes), jnp.float32)
+    first_slots = self._first_slots(images.shape[0])
+    for j, size in enumerate(self.buckets):
+      def run_batch(i, logits, size=size, slot0=int(first_slots[j])):
+        start = starts[slot0 + i]
+        batch = jax.lax.dynamic_slice_in_dim(images, start, size)
+        policy = jnp.broadcast_to(policy_rows[slot0 + i], (size, policy_rows.shape[1]))
+        return jax.lax.dynamic_update_slice_in_dim(
+            logits, apply(self.spec, variables, batch, policy).astype(logits.dtype), start, 0)
+
+      logits = jax.lax.fori_loop(0, counts[j], run_batch, logits)
+    return logits
+
+  def _share_tables(self, share, plan, starts, policies, capacity: int):
+    """(starts, policy rows, counts per bucket size) of one share's batches."""
+    first_slots = self._first_slots(capacity)
+    table_starts = np.zeros(first_slots[-1], np.int32)
+    table_rows = np.zeros((first_slots[-1], policies.shape[1]), np.float32)
+    counts = np.zeros(len(self.buckets), np.int32)
+    for b in share:
+      j = self.buckets.index(len(plan[b]))
+      slot = first_slots[j] + counts[j]
+      table_starts[slot], table_rows[slot] = starts[b], policies[plan[b][0]]
+      counts[j] += 1
+    return table_starts, table_rows, counts
 
   def __call__(self, images: np.ndarray, policies: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     policies = np.asarray(policies, np.float32)
-
-    def logits(indices):
-      return self._run(images[indices], policies[indices[0]])
-
-    def waited_logits(indices):  # a worker waits for its batch before it takes the next
-      return np.asarray(logits(indices))
-
     plan = plan_batches(group_by_policy(policies), self.buckets)
-    if self._blockwise:  # one thread (its trace count is a plain counter), every call dispatched
-      return _in_input_order([(indices, logits(indices)) for indices in plan], len(images))
-    with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-      futures = [(indices, pool.submit(waited_logits, indices)) for indices in plan]
-      return _in_input_order([(indices, f.result()) for indices, f in futures], len(images))
+    if self._blockwise:  # one thread (its trace count is a plain counter), every batch dispatched
+      return _in_input_order([(indices, self._blockwise(self._variables, images[indices],
+                                                        policies[indices[0]]))
+                              for indices in plan], len(images))
+    order = np.concatenate(plan)
+    # A power of 2, so that calls of different sizes share few compilations.
+    capacity = max(1 << (len(images) - 1).bit_length(), self.buckets[-1])
+    in_group_order = np.zeros((capacity,) + images.shape[1:], images.dtype)
+    in_group_order[:len(images)] = images[order]
+    in_group_order = jax.device_put(in_group_order)  # once, for every program
+    starts = np.cumsum([0] + [len(batch) for batch in plan])[:-1]
+    work = [len(batch) * (1 + policies[batch[0]].sum()) for batch in plan]  # images x blocks
+    tables = [self._share_tables(share, plan, starts, policies, capacity)
+              for share in share_out(work, self.workers) if share]
+
+    def share_logits(table):
+      return np.asarray(self._program(self._packed, in_group_order, *table))
+
+    if len(tables) == 1:
+      shares = [share_logits(tables[0])]
+    else:
+      with concurrent.futures.ThreadPoolExecutor(len(tables)) as pool:
+        shares = list(pool.map(share_logits, tables))
+    logits = np.empty((len(images), shares[0].shape[1]), shares[0].dtype)
+    logits[order] = sum(shares)[:len(images)]  # each row is one share's, zero in the others
+    return logits
 
 
 def _in_input_order(results, num_images: int) -> np.ndarray:
@@ -533,8 +601,7 @@ def run(mode: str, spec: ResNetSpec, variables, images, policy):
     packed, packing = _laid_out_and_packed(mode, spec, variables)
     return _compiled(mode, spec, packing)(packed, images, policy)
   if mode == "grouped":
-    return GroupedExecutor(spec, variables, max_batch=len(images))(images, policy)
+    return GroupedExecutor(spec, variables)(images, policy)
   if mode == "blockwise":
-    return GroupedExecutor(spec, variables, max_batch=len(images), inner="blockwise")(images,
-                                                                                     policy)
+    return GroupedExecutor(spec, variables, inner="blockwise")(images, policy)
   raise ValueError(f"unknown execution mode {mode!r}; choose one of {MODES}")

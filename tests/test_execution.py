@@ -121,25 +121,36 @@ def test_run_compiles_once_for_any_weights(net, monkeypatch):
   assert not np.allclose(first, second)  # the second call used its own weights
 
 
-@pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 2),
+@pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 3),
                                             ("blockwise", 2)])
 def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
-  """Also with several batches in flight from threads: still one compilation per bucket size."""
+  """Also with several programs in flight from threads: one compilation for any policies and any
+  number of images up to the same power of 2 (the jitted inners), or at most stem + K blocks + K
+  shortcuts + head per bucket size (blockwise)."""
   spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, variables, max_batch=16, inner=inner, workers=workers)
+  executor = execution.GroupedExecutor(spec, variables, inner=inner, workers=workers)
   assert executor.buckets == (1, 2, 4, 8, 16)
-  for seed, unique in enumerate((3, 7, None, 5)):
-    policy = _policies(len(images), spec.num_blocks, seed=seed, unique=unique)
-    np.testing.assert_allclose(executor(images, policy),
-                               execution.run("masked", spec, variables, images, policy), atol=TOL)
-  # Dozens of distinct policies, yet compilations are bounded by the bucket sizes: one function
-  # per bucket (batch_skip inside), or at most stem + K blocks + K shortcuts + head per bucket.
-  per_bucket = 2 * spec.num_blocks + 2 if inner == "blockwise" else 1
-  assert executor.trace_count <= per_bucket * len(executor.buckets)
+  # 48 images: groups of up to 48 cut into batches of at most 16; 33 images: the same power of 2.
+  for seed, (unique, n) in enumerate(((3, 48), (7, 48), (None, 48), (5, 33), (1, 48))):
+    policy = _policies(n, spec.num_blocks, seed=seed, unique=unique)
+    np.testing.assert_allclose(executor(images[:n], policy),
+                               execution.run("masked", spec, variables, images[:n], policy),
+                               atol=TOL, err_msg=f"unique policies {unique}, {n} images")
+  if inner == "blockwise":
+    assert executor.trace_count <= (2 * spec.num_blocks + 2) * len(executor.buckets)
+  else:
+    assert executor.trace_count == 1
   with pytest.raises(ValueError, match="workers must be at least 1"):
     execution.GroupedExecutor(spec, variables, workers=0)
   with pytest.raises(ValueError, match="unknown inner mode 'compact'"):
     execution.GroupedExecutor(spec, variables, inner="compact")
+
+
+def test_share_out_balances_the_work():
+  shares = execution.share_out([16, 1, 8, 4, 16, 2, 8, 1], 2)
+  assert sorted(i for share in shares for i in share) == list(range(8))
+  assert [sum([16, 1, 8, 4, 16, 2, 8, 1][i] for i in share) for share in shares] == [28, 28]
+  assert execution.share_out([5.0], 3) == [[0], [], []]
 
 
 def test_grouped_packs_the_weights_once(net, monkeypatch):
@@ -149,7 +160,7 @@ def test_grouped_packs_the_weights_once(net, monkeypatch):
   pack = execution.pack
   monkeypatch.setattr(execution, "pack", lambda tree: packed.append(tree) or pack(tree))
   executor = execution.GroupedExecutor(spec, variables, max_batch=8)
-  policy = _policies(16, spec.num_blocks, seed=5, unique=1)
+  policy = _policies(16, spec.num_blocks, seed=5, unique=2)
   for _ in range(2):
     executor(images[:16], policy)
   assert len(packed) == 1
