@@ -472,8 +472,10 @@ class GroupedExecutor:
   (a power of 2), a call costs ``workers`` dispatches instead of one per batch, and the shares
   end together. On ResNet-110 at 35% kept, 256 images, that ran 1.05x as fast as a call per
   batch with 16 distinct policies, 1.02x with 4, 1.12x with 64 and with 102 (paired medians of 20
-  repeats, docs/results.md, session 15). The weights are laid out and packed once, when the
-  executor is built (as ``Runner`` does: 8 ms per call for ResNet-110 otherwise).
+  repeats, docs/results.md, session 15). The price is memory: a call holds a sorted copy of its
+  images, padded to that power of 2, on the host and on the device. The weights are laid out and
+  packed once, when the executor is built (as ``Runner`` does: 8 ms per call for ResNet-110
+  otherwise).
 
   The ``workers`` programs run at once, each called from its own thread: XLA:CPU runs one call
   at a time per calling thread, and a call on a few images leaves cores idle (2 against 1 in
