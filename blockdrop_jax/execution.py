@@ -573,9 +573,8 @@ class GroupedExecutor:
     else:
       with concurrent.futures.ThreadPoolExecutor(len(tables)) as pool:
         shares = list(pool.map(share_logits, tables))
-    logits = np.empty((len(images), shares[0].shape[1]), shares[0].dtype)
-    logits[order] = sum(shares)[:len(images)]  # each row is one share's, zero in the others
-    return logits
+    # Each row is one share's, zero in the others.
+    return _in_input_order([(order, sum(shares)[:len(images)])], len(images))
 
 
 def _in_input_order(results, num_images: int) -> np.ndarray:
