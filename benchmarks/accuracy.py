@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import convert, data, evaluation, flops, steps, trainer  # noqa: E402
+from blockdrop_jax import checkpoint, convert, data, evaluation, flops, steps  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,18 +50,17 @@ def main(argv=None) -> int:
                                         np.ones((n, K), np.float32), args.batch_size, progress=False)
   print(row("full ResNet (pretrained)", full))
   for run in args.runs:
-    nets, params, stats, meta = trainer.load_run(run)
+    nets, params, stats, meta = checkpoint.load_run(run)
     report = evaluation.blockdrop_report(nets, params, stats, dataset, args.batch_size,
                                          progress=False)
     stage = meta["stage"]
     penalty = json.loads(meta["config"])[stage].get("penalty")
     print(row(f"BlockDrop {stage} (penalty {penalty}) `{os.path.basename(run.rstrip('/'))}`", report))
     k = int(round(report["blocks_mean"]))
-    for label, policies in ((f"FirstK, k = {k}", evaluation.first_k_policies(n, K, k)),
-                            (f"RandomK, k = {k}", evaluation.random_k_policies(n, K, k))):
-      baseline = evaluation.fixed_policy_report(base_nets, base_params, base_stats, dataset, policies,
-                                                args.batch_size, progress=False)
-      print(row(label, baseline))
+    baselines = evaluation.fixed_k_reports(base_nets, base_params, base_stats, dataset, k,
+                                           args.batch_size, progress=False)
+    print(row(f"FirstK, k = {k}", baselines[f"first{k}"]))
+    print(row(f"RandomK, k = {k}", baselines[f"random{k}"]))
   print("\nFLOPs/img of BlockDrop include its policy network "
         f"({flops.flops_table(nets.policy).full:.3E}); baselines have none.")
   return 0

@@ -37,8 +37,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import (cli, compilation, configs, convert, data,  # noqa: E402
-                           evaluation, execution, flops, steps, trainer)
+from blockdrop_jax import (checkpoint, compilation, configs, convert,  # noqa: E402
+                           data, evaluation, execution, flops, registry, steps)
+from blockdrop_jax.errors import BlockDropError  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def timed_alternately(fns: dict, repeats: int) -> dict:
 def paired_ratio(numerator_runs: Sequence[float], denominator_runs: Sequence[float]) -> tuple:
   """(first quartile, median, third quartile) over repeats of the ratio of two timings taken in
   the same repeat. The ratio of the medians moves by a few hundredths between identical programs
-  on this shared machine (docs/results.md, session 13); pairing the timings of one repeat, taken
+  on a shared machine; pairing the timings of one repeat, taken
   seconds apart, cancels the slower drifts, and the quartiles show what is left."""
   ratios = [a / b for a, b in zip(numerator_runs, denominator_runs, strict=True)]
   if len(ratios) == 1:
@@ -104,7 +105,7 @@ class TrainedRun:
   policies that network picks (``steps.greedy_policy``)."""
 
   def __init__(self, workdir: str):
-    self.nets, self.params, self.stats, meta = trainer.load_run(workdir)
+    self.nets, self.params, self.stats, meta = checkpoint.load_run(workdir)
     self.name = f"trained ({workdir}, {meta['stage']} epoch {meta['epoch']})"
     self.variables = {"params": self.params["resnet"], "batch_stats": self.stats["resnet"]}
     self.policy = (self.nets.policy, {"params": self.params["policy"],
@@ -131,40 +132,22 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
-  """({name: fn(images, policy)} of every mode of a table at ``batch``, the grouped ones among
-  them by name). Building them compiles nothing."""
-  grouped = {name: execution.GroupedExecutor(spec, variables, **options)
-             for name, options in (
-      (f"grouped, looped inside, {IN_FLIGHT} in flight", dict(workers=IN_FLIGHT)),
-      # What the threads add: one program at a time.
-      ("grouped, looped inside, 1 in flight", dict(workers=1)),
-      # What the loops add: a cond per block.
-      (f"grouped, batch_skip inside, {IN_FLIGHT} in flight",
-       dict(inner="batch_skip", workers=IN_FLIGHT)),
-      ("grouped, blockwise inside", dict(inner="blockwise")))}
-  blockwise = execution.BlockwiseRunner(spec)
+  """({name: fn(images, policy)} of every mode of a table at ``batch``, the grouped executor
+  among them by name). Building them compiles nothing."""
   masked, batch_skip, looped, compact = (execution.Runner(mode, spec, variables)
                                          for mode in ("masked", "batch_skip", "looped", "compact"))
   modes = {
       "full": lambda x, p: masked(x),
       "full, masked with all kept": lambda x, p: masked(x, np.ones_like(p)),
   }
+  grouped = {}
   if batch > 1:
     modes[FULL_MODES[2]] = in_flight(lambda x, p: masked(x), CONCURRENT_BATCH)
   modes.update(masked=masked, batch_skip=batch_skip, looped=looped, compact=compact)
-  if batch == 1:
-    # What compiling the weights in saves (Runner): the same mode given its weights at every
-    # call, packed (as Runner did until session 12) and as the variables dict.
-    # What execution.run does: the mode's layout packed, then one compilation over it.
-    packed, packing = execution._laid_out_and_packed("batch_skip", spec, variables)
-    as_arguments = execution._compiled("batch_skip", spec, packing)
-    modes["batch_skip, weights as packed arguments"] = lambda x, p: as_arguments(packed, x, p)
-    unpacked = compilation.jit(functools.partial(execution.batch_skip_apply, spec))
-    modes["batch_skip, weights unpacked"] = lambda x, p: unpacked(variables, x, p)
-    modes["blockwise"] = lambda x, p: blockwise(variables, x, p[0])
-  else:
+  if batch > 1:
     modes[f"compact, batches of {batch // 2}, {IN_FLIGHT} in flight"] = in_flight(compact,
                                                                              batch // 2)
+    grouped["grouped"] = execution.GroupedExecutor(spec, variables, workers=IN_FLIGHT)
     modes.update(grouped)
   return modes, grouped
 
@@ -215,7 +198,7 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
   params = {"resnet": variables["params"], "policy": pv["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   # The trainer's optimiser: Adam on the policy network, zero updates for the frozen ResNet.
-  tx = trainer.make_optimizer("curriculum", configs.load(DEFAULT_CONFIG).curriculum, 1)
+  tx = steps.make_optimizer("curriculum", configs.load(DEFAULT_CONFIG).curriculum, 1)
   state = steps.create_state(params, stats, tx)
   x, y = jnp.asarray(images[:batch]), jnp.asarray(labels[:batch])
   K = spec.num_blocks
@@ -298,7 +281,7 @@ def main(argv=None) -> int:
   p.add_argument("--imagenet-nets", nargs="*", default=None,
                  help="ImageNet nets timed at batch 1 only (random weights and 224 px images); "
                       "none: skip; default: imagenet_resnet101, none with --checkpoint")
-  p.add_argument("--imagenet-images", type=cli.positive_int, default=8)
+  p.add_argument("--imagenet-images", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--curriculum-batch", type=int, default=128)
   p.add_argument("--curriculum-points", type=int, default=4)
@@ -312,6 +295,8 @@ def main(argv=None) -> int:
                  help="time only these inference modes, named as in the table (the full "
                       "network's forms always run); default: all")
   args = p.parse_args(argv)
+  if args.imagenet_images < 1:
+    p.error(f"--imagenet-images must be at least 1, got {args.imagenet_images}")
   if args.checkpoint and args.nets:
     p.error("--checkpoint times the net it was trained with; leave out --nets")
   if "trained" in (args.curriculum_keep or ()) and not args.checkpoint:
@@ -320,12 +305,14 @@ def main(argv=None) -> int:
     args.imagenet_nets = [] if args.checkpoint else ["imagenet_resnet101"]
   if args.curriculum_keep is None:
     args.curriculum_keep = ["trained"] if args.checkpoint else [0.5, 0.35]
-  with cli.user_errors():
+  try:
     run = TrainedRun(args.checkpoint) if args.checkpoint else None
+  except BlockDropError as e:
+    p.error(f"--checkpoint: {e}")
   if run and run.nets.resnet.image_size != 32:
     p.error(f"--checkpoint: {args.checkpoint} is a run on {run.nets.resnet.image_size} px images; "
             "this benchmark times CIFAR nets on the 32 px test subset")
-  shared = data.shared_data_dir()
+  shared = registry.shared_data_dir()
   images, labels = data.read_cifar_records(
       os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   nets = ([(run.nets.resnet, run.variables)] if run else

@@ -22,7 +22,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.speed import load_net, timed_alternately  # noqa: E402
-from blockdrop_jax import compilation, data, steps  # noqa: E402
+from blockdrop_jax import compilation, data, registry, steps  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
-  shared = data.shared_data_dir()
+  shared = registry.shared_data_dir()
   images, labels = data.read_cifar_records(
       os.path.join(shared, "cifar10", "subset", "test_batch_first1000.bin"))
   images, labels = jnp.asarray(images[:args.batch]), jnp.asarray(labels[:args.batch])

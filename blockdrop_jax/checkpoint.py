@@ -7,14 +7,18 @@ complete, so a killed run never leaves a half checkpoint that looks finished.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from blockdrop_jax import steps
 from blockdrop_jax.errors import BlockDropError
+from blockdrop_jax.models import resnet
 
 
 class RunCheckpoints:
@@ -22,13 +26,15 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, keep: int = 3):
     self.workdir = os.path.abspath(workdir)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=False,
+        preservation_policy=policies.LatestN(n=keep))
     self.last = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options,
                                       item_names=("state", "meta"))
     best_options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=False,
-        best_fn=lambda metrics: metrics["score"], best_mode="max")
+        create=True, enable_async_checkpointing=False,
+        preservation_policy=policies.BestN(get_metric_fn=lambda metrics: metrics["score"], n=1))
     self.best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options,
                                       item_names=("state", "meta"))
 
@@ -89,3 +95,34 @@ def abstract(tree: Any) -> Any:
   """Shape/dtype/sharding skeleton of ``tree`` for restoring into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
+
+
+def load_run(workdir: str, best: bool = False) -> tuple[steps.Nets, dict, dict, dict]:
+  """(nets, params, batch_stats, meta) of a run's latest (or best) checkpoint."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
+  ckpts = RunCheckpoints(workdir)
+  try:
+    manager = ckpts.best if best else ckpts.last
+    step = manager.latest_step()  # the best folder keeps only the best
+    if step is None:
+      raise BlockDropError(f"{workdir} has no {'best ' if best else ''}checkpoint yet")
+    meta = ckpts.restore_meta(step, manager)
+    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    nets = steps.Nets(resnet.ResNetSpec.from_json(meta["resnet_spec"]),
+                      resnet.ResNetSpec.from_json(meta["policy_spec"]))
+    stage = meta["stage"]
+    tx = steps.make_optimizer(stage, config[stage], 1)
+    template = jax.eval_shape(lambda: steps.create_state(*_initial_params(nets), tx))
+    state, meta = ckpts.restore(step, template, manager)
+  finally:
+    ckpts.close()
+  return nets, state.params, state.batch_stats, meta
+
+
+def _initial_params(nets: steps.Nets) -> tuple[dict, dict]:
+  """(params, batch_stats) of freshly initialised networks: the structure to restore into."""
+  key = jax.random.key(0)
+  base, policy = resnet.init(nets.resnet, key), resnet.init(nets.policy, key)
+  return ({"resnet": base["params"], "policy": policy["params"]},
+          {"resnet": base["batch_stats"], "policy": policy["batch_stats"]})

@@ -18,17 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockdrop_jax import registry
 from blockdrop_jax.errors import BlockDropError
-
-SHARED_DATA_ENV = "BLOCKDROP_SHARED_DATA"
-
-
-def shared_data_dir() -> str:
-  """The offline data folder: $BLOCKDROP_SHARED_DATA, default ``../shared/data`` beside the repo."""
-  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                         "shared", "data")
-  return os.path.abspath(os.environ.get(SHARED_DATA_ENV, default))
-
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -204,7 +195,6 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
                        _RECORDS[kind][2], source)
     return load_image_folder(source, split)
   if source in _RECORDS:
-    from blockdrop_jax import registry
     return load_dataset(registry.resolve_dataset(source), split)
   if source.removeprefix("tfds:") in _RECORDS and source.startswith("tfds:"):
     return _load_tfds(source.removeprefix("tfds:"), split, data_dir, download)

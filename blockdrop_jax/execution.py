@@ -1,30 +1,21 @@
 """How the blocks of a gated ResNet run: the same outputs, different costs.
 
-- ``masked``: every block runs for every image and ``jnp.where`` keeps or drops it. Static
-  shapes, needed for per-example training; no time saved.
-- ``batch_skip``: a block runs only if some image of the batch keeps it. The predicate is one
-  scalar for the whole batch, so ``lax.cond`` really branches (a per-example ``cond`` under
-  ``vmap`` becomes a ``select`` that runs both sides).
+- masked (``resnet.apply``): every block runs for every image and ``jnp.where`` keeps or drops
+  it. Static shapes: what training differentiates; no time saved.
 - ``compact``: each block gathers the rows that keep it, runs on only those, in chunks (a loop
   whose trip count is a batch-level count; a small remainder in a half chunk), and writes them
-  back in place. All on device, one compilation; the curriculum step runs its greedy and sampled
-  passes this way.
-- ``looped``: ``batch_skip`` with each run of same-shaped blocks stacked and run as one loop
-  over its kept blocks (``looped_skip_apply``): no ``cond`` per dropped block, one compiled block
-  body per run.
-- ``grouped``: images are grouped by policy vector and each group runs ``looped``, so each group
-  runs exactly its own blocks. Groups are cut into chunks of a few bucket sizes, and two programs,
-  each looping over its share of the chunks, run at once: one compilation for any policies.
-- ``blockwise``: the policy is read on the host and only the kept blocks are called, each a
-  small compiled function (batch 1, or inside ``grouped`` on request).
-- batch 1 with ``batch_skip`` or ``blockwise`` runs exactly that image's blocks.
+  back in place. All on device, one compilation. Batched evaluation, and the curriculum step's
+  greedy and sampled passes (``curriculum_pair``).
+- ``grouped`` (``GroupedExecutor``): images are grouped by policy vector and each group runs
+  exactly its own blocks, each run of same-shaped blocks as one loop over its kept blocks
+  (``looped_skip_apply``). Batched inference where trained policies share few vectors.
+- batch 1 (``Runner("batch_skip", ...)``): a block runs only if the image keeps it; the predicate
+  is one scalar, so ``lax.cond`` really branches (a per-example ``cond`` under ``vmap`` becomes a
+  ``select`` that runs both sides). On a GPU ``Runner("looped", ...)`` launches fewer kernels.
 
-Which is fastest depends on the backend (docs/results.md section 2): on CPU time follows FLOPs,
-and compact and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches, each chunk of
-compact costs launches, and masked execution is fastest at batch 256 (``compact_pays``).
-
-``Runner`` serves repeated calls with one network (batch 1, a stream of batches): its weights are
-compiled into its program, so each call hands XLA only the images and the policy.
+Which is fastest depends on the backend (docs/results.md): on CPU time follows FLOPs and compact
+and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches, each chunk of compact costs
+launches, and masked execution is fastest at batch 256 (``compact_pays``).
 """
 
 from __future__ import annotations
@@ -42,7 +33,6 @@ from blockdrop_jax import compilation
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
-MODES = ("masked", "batch_skip", "looped", "compact", "blockwise", "grouped")
 # Rows per chunk of ``compact`` execution: small enough to waste little on partly kept chunks,
 # large enough for efficient convolutions (8-16 were fastest of 8-64 on the 2-core CPU).
 COMPACT_CHUNK = 16
@@ -249,7 +239,7 @@ def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_fo
   Through the prefix each block runs once on the greedy rows, as one batch, while the sampled rows
   sit idle; they copy the greedy rows where the prefix ends. Both are loops of 0 or 1 trips: a
   ``cond`` per block choosing between a prefix block and a decided one made XLA copy the whole
-  activation of 2 x batch rows into it at every block (docs/results.md, session 8).
+  activation of 2 x batch rows into it at every block.
   ``num_forced`` may be traced, so one compilation serves the whole curriculum."""
   batch = images.shape[0]
   K = spec.num_blocks
@@ -274,10 +264,6 @@ def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_fo
   return logits[:batch], logits[batch:2 * batch]
 
 
-def masked_apply(spec: ResNetSpec, variables, images, policy):
-  return resnet.apply(spec, variables, images, policy)
-
-
 @dataclasses.dataclass(frozen=True)
 class Packing:
   """Where each leaf of a packed variables tree lives: static, so it is a ``jit`` argument."""
@@ -292,7 +278,7 @@ def pack(variables) -> tuple[tuple, Packing]:
   ``Packing``.
 
   Each array passed to a compiled function costs dispatch time: with ResNet-110's 547 leaves a
-  call spent about 0.2 ms before computing anything (development CPU), a tenth of what one image
+  call spent about 0.2 ms before computing anything (2-core CPU), a tenth of what one image
   at batch 1 takes with 35% of the blocks. Packed, it passes 111 arrays, and ``unpack``'s slices
   of the vector inside ``jit`` give the same values (though each runs as an operation of its
   own unless the weights are compiled in, as ``Runner`` does)."""
@@ -323,43 +309,39 @@ def unpack(packed, packing: Packing):
   return jax.tree.unflatten(packing.treedef, leaves)
 
 
-_APPLY = {"masked": masked_apply, "batch_skip": batch_skip_apply, "looped": looped_skip_apply,
-          "compact": compact_apply}
-# How a mode wants its variables laid out, done once per ``Runner``.
-_PREPARE = {"looped": stack_runs}
+# What ``Runner`` compiles: the full network and the per-batch modes.
+RUNNER_MODES = {"masked": resnet.apply, "batch_skip": batch_skip_apply,
+                "looped": looped_skip_apply, "compact": compact_apply}
 
 
-def _laid_out_and_packed(mode: str, spec: ResNetSpec, variables) -> tuple[tuple, Packing]:
-  """``pack`` of ``variables`` in the layout ``mode`` runs on."""
-  prepare = _PREPARE.get(mode)
-  return pack(prepare(spec, variables) if prepare else variables)
-
-
-def _apply_packed(mode: str, spec: ResNetSpec, packing: Packing, packed, images, policy):
-  """``mode``'s logits from packed weights: what ``Runner`` and ``run`` compile."""
-  return _APPLY[mode](spec, unpack(packed, packing), images, policy)
+def _apply_packed(apply, spec: ResNetSpec, packing: Packing, packed, images, policy):
+  """``apply``'s logits from packed weights."""
+  return apply(spec, unpack(packed, packing), images, policy)
 
 
 class Runner:
-  """Compiled inference of one network in one jitted mode (``masked``, ``batch_skip``,
-  ``looped``, ``compact``), for repeated calls: ``Runner(mode, spec, variables)(images, policy)``.
-  ``masked`` with ``policy=None`` is the full network.
+  """Compiled inference of one network for repeated calls (batch 1, a stream of batches):
+  ``Runner(mode, spec, variables)(images, policy)`` with ``mode`` one of ``RUNNER_MODES``;
+  "masked" with ``policy=None`` is the full network. At batch 1 "batch_skip" and "looped" run
+  exactly the image's own blocks: "batch_skip" is the faster on CPU, "looped" (fewer kernel
+  launches) on a GPU.
 
   The weights are compiled into the program: packed once and closed over by the jitted function,
   so a call passes only the images and the policy. JAX 0.10 embeds closed-over arrays in the
   program as constants, and XLA then does ahead of time what it otherwise does at every call:
-  unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs before
-  each block's ``cond``. That saves about 0.1 ms per call (ResNet-110, development CPU), about 5%
-  of an image at batch 1 and 35% kept, and halves compile times; at batch 128 it changed nothing
-  (docs/results.md). JAX versions that pass closed-over arrays as hidden arguments instead run
-  at the speed of packed arguments (about 110 arrays, hence the packing). Each ``Runner``
-  compiles its own program, once per image shape, holding a copy of the weights."""
+  unpacking the weights and each BatchNorm's per-channel factors, which ``batch_skip`` needs
+  before each block's ``cond`` (about 0.1 ms per call on ResNet-110, 5% of an image at batch 1
+  and 35% kept). JAX versions that pass closed-over arrays as hidden arguments instead pass about
+  110 arrays, hence the packing. Each ``Runner`` compiles its own program, once per image shape,
+  holding a copy of the weights."""
 
   def __init__(self, mode: str, spec: ResNetSpec, variables):
-    if mode not in _APPLY:
-      raise ValueError(f"unknown jitted execution mode {mode!r}; choose one of {tuple(_APPLY)}")
-    packed, packing = _laid_out_and_packed(mode, spec, variables)
-    self._apply = compilation.jit(functools.partial(_apply_packed, mode, spec, packing, packed))
+    if mode not in RUNNER_MODES:
+      raise ValueError(f"unknown execution mode {mode!r} for a Runner; choose one of "
+                       f"{tuple(RUNNER_MODES)}")
+    packed, packing = pack(stack_runs(spec, variables) if mode == "looped" else variables)
+    self._apply = compilation.jit(
+        functools.partial(_apply_packed, RUNNER_MODES[mode], spec, packing, packed))
 
   def __call__(self, images, policy: Optional[Any] = None):
     return self._apply(images, policy)
@@ -397,50 +379,9 @@ def plan_batches(groups: Sequence[np.ndarray], buckets: Sequence[int]) -> list[n
   return plan
 
 
-class BlockwiseRunner:
-  """Runs one policy vector's blocks, chosen on the host: the stem, each kept block and each
-  needed shortcut is its own small compiled function (one per block and batch size), so dropped
-  blocks cost nothing and no ``cond`` sits between blocks. For batch 1 and for policy groups,
-  where the policy is known before the ResNet runs."""
-
-  def __init__(self, spec: ResNetSpec):
-    self.spec = spec
-    self.trace_count = 0
-    self._stem = compilation.jit(self._counted(lambda v, x: _stem(spec, v, x)))
-    self._head = compilation.jit(self._counted(lambda v, x: _head(spec, v, x)))
-    self._kept = [compilation.jit(self._counted(lambda v, x, t=t: _block(spec, v, t, x)[1]))
-                  for t in range(spec.num_blocks)]
-    self._shortcut = [compilation.jit(self._counted(lambda v, x, t=t: _shortcut(spec, v, t, x)))
-                      for t in range(spec.num_blocks)]
-    self._changes_shape = [_changes_shape(spec, t) for t in range(spec.num_blocks)]
-
-  def _counted(self, fn):
-    def traced(*args):
-      self.trace_count += 1
-      return fn(*args)
-    return traced
-
-  @staticmethod
-  def _only(variables, name):
-    """The variables of one submodule: each compiled block takes only its own weights."""
-    return {col: {name: tree[name]} for col, tree in variables.items() if name in tree}
-
-  def __call__(self, variables, images, policy_row):
-    x = self._stem({c: {k: v for k, v in tree.items() if k.startswith("stem")}
-                    for c, tree in variables.items()}, images)
-    for t, keep in enumerate(np.asarray(policy_row) > 0.5):
-      block_vars = self._only(variables, f"block{t}")
-      if keep:
-        x = self._kept[t](block_vars, x)
-      elif self._changes_shape[t]:
-        x = self._shortcut[t](block_vars, x)
-    return self._head(self._only(variables, "fc"), x)
-
-
-# The largest batch of one policy group: groups are cut into batches of at most this many images.
-# On the development CPU, ResNet-110 with 4 policies over 256 images (groups of about 64) ran
-# about 3% slower with batches of up to 32 and 12% slower with batches of up to 64 (scratch, 15
-# repeats; docs/results.md, session 15).
+# The largest batch of one policy group. On a 2-core CPU, ResNet-110 with 4 policies over 256
+# images (groups of about 64) ran about 3% slower with batches of up to 32 and 12% slower with
+# batches of up to 64.
 GROUP_BATCH = 16
 
 
@@ -456,57 +397,33 @@ def share_out(costs: Sequence[float], workers: int) -> list[list[int]]:
 
 
 class GroupedExecutor:
-  """Policy-grouped batched inference with a bounded number of compilations.
+  """Policy-grouped batched inference with one compilation.
 
   ``GroupedExecutor(spec, variables)(images, policies)`` returns the logits of every image in
   input order, equal to masked execution. Images are grouped by policy vector and each group is
   cut into batches of bucket sizes (``plan_batches``: powers of ``growth`` up to ``max_batch``),
-  each of which runs with only its group's blocks through ``inner``: "looped" (the default) or
-  "batch_skip" (a ``cond`` per block; as fast, but ResNet-110 compiles in 30-40 s against 5 s),
-  or "blockwise", host-chosen blocks (at most 2K + 2 small functions per bucket size).
+  each of which runs only its group's blocks (``looped_skip_apply``).
 
-  The jitted inners run a whole call in ``workers`` programs, not one per batch: each program
-  gets every image (sorted by group, on the device once) and a table of its share of the batches
-  (``share_out``: shares of about equal work), and runs, per bucket size, a loop over its
-  batches of that size. So one compilation serves every plan of up to the same number of images
-  (a power of 2), a call costs ``workers`` dispatches instead of one per batch, and the shares
-  end together. On ResNet-110 at 35% kept, 256 images, that ran 1.05x as fast as a call per
-  batch with 16 distinct policies, 1.02x with 4, 1.12x with 64 and with 102 (paired medians of 20
-  repeats, docs/results.md, session 15). The price is memory: a call holds a sorted copy of its
-  images, padded to that power of 2, on the host and on the device. The weights are laid out and
-  packed once, when the executor is built (as ``Runner`` does: 8 ms per call for ResNet-110
-  otherwise).
-
-  The ``workers`` programs run at once, each called from its own thread: XLA:CPU runs one call
-  at a time per calling thread, and a call on a few images leaves cores idle (2 against 1 in
-  flight: 0.91 against 0.77 of the FLOPs speedup in run J). ``trace_count`` counts compilations.
-  """
-
-  INNER = ("looped", "batch_skip", "blockwise")
+  A call runs as ``workers`` programs, not one per batch: each program gets every image (sorted
+  by group, on the device once) and a table of its share of the batches (``share_out``: shares
+  of about equal work), and runs, per bucket size, a loop over its batches of that size. So one
+  compilation serves every plan of up to the same number of images (a power of 2), a call costs
+  ``workers`` dispatches, and the shares end together. The programs run at once, each called
+  from its own thread: XLA:CPU runs one call at a time per calling thread, and a call on a few
+  images leaves cores idle. The price is memory: a call holds a sorted copy of its images, padded
+  to that power of 2, on the host and on the device. The weights are laid out and packed once,
+  when the executor is built. ``trace_count`` counts compilations."""
 
   def __init__(self, spec: ResNetSpec, variables, max_batch: int = GROUP_BATCH, growth: int = 2,
-               inner: str = "looped", workers: int = 2):
-    if inner not in self.INNER:
-      raise ValueError(f"unknown inner mode {inner!r} for grouped execution; choose one of "
-                       f"{self.INNER}")
+               workers: int = 2):
     if workers < 1:
       raise ValueError(f"workers must be at least 1 (programs in flight at once), got {workers}")
     self.spec = spec
     self.buckets = bucket_sizes(max_batch, 1, growth)
-    self.inner = inner
     self.workers = workers
-    self._program_traces = 0
-    if inner == "blockwise":
-      self._blockwise = BlockwiseRunner(spec)
-      self._variables = variables
-    else:
-      self._blockwise = None
-      self._packed, packing = _laid_out_and_packed(inner, spec, variables)
-      self._program = compilation.jit(functools.partial(self._share_logits, packing))
-
-  @property
-  def trace_count(self) -> int:
-    return self._blockwise.trace_count if self._blockwise else self._program_traces
+    self.trace_count = 0
+    self._packed, packing = pack(stack_runs(spec, variables))
+    self._program = compilation.jit(functools.partial(self._share_logits, packing))
 
   def _first_slots(self, capacity: int) -> np.ndarray:
     """Where each bucket size's batches start in a share's table: room for capacity // size."""
@@ -517,9 +434,8 @@ class GroupedExecutor:
     elsewhere): for bucket size j, the batches in table slots ``first_slots[j]`` onwards,
     ``counts[j]`` of them, each the ``size`` images from row ``starts[slot]`` under
     ``policy_rows[slot]``."""
-    self._program_traces += 1  # Python side effect: runs once per trace, not per call
+    self.trace_count += 1  # Python side effect: runs once per trace, not per call
     variables = unpack(packed, packing)
-    apply = _APPLY[self.inner]
     logits = jnp.zeros((images.shape[0], self.spec.num_classes), jnp.float32)
     first_slots = self._first_slots(images.shape[0])
     for j, size in enumerate(self.buckets):
@@ -528,7 +444,8 @@ class GroupedExecutor:
         batch = jax.lax.dynamic_slice_in_dim(images, start, size)
         policy = jnp.broadcast_to(policy_rows[slot0 + i], (size, policy_rows.shape[1]))
         return jax.lax.dynamic_update_slice_in_dim(
-            logits, apply(self.spec, variables, batch, policy).astype(logits.dtype), start, 0)
+            logits, looped_skip_apply(self.spec, variables, batch, policy).astype(logits.dtype),
+            start, 0)
 
       logits = jax.lax.fori_loop(0, counts[j], run_batch, logits)
     return logits
@@ -550,10 +467,6 @@ class GroupedExecutor:
     images = np.asarray(images)
     policies = np.asarray(policies, np.float32)
     plan = plan_batches(group_by_policy(policies), self.buckets)
-    if self._blockwise:  # one thread (its trace count is a plain counter), every batch dispatched
-      return _in_input_order([(indices, self._blockwise(self._variables, images[indices],
-                                                        policies[indices[0]]))
-                              for indices in plan], len(images))
     order = np.concatenate(plan)
     # A power of 2, so that calls of different sizes share few compilations.
     capacity = max(1 << (len(images) - 1).bit_length(), self.buckets[-1])
@@ -573,36 +486,7 @@ class GroupedExecutor:
     else:
       with concurrent.futures.ThreadPoolExecutor(len(tables)) as pool:
         shares = list(pool.map(share_logits, tables))
-    # Each row is one share's, zero in the others.
-    return _in_input_order([(order, sum(shares)[:len(images)])], len(images))
-
-
-def _in_input_order(results, num_images: int) -> np.ndarray:
-  """One array of every image's logits from (indices, logits of those images) pairs."""
-  out = None
-  for indices, logits in results:
-    logits = np.asarray(logits)
-    if out is None:
-      out = np.empty((num_images, logits.shape[-1]), logits.dtype)
-    out[indices] = logits
-  return out
-
-
-@functools.cache
-def _compiled(mode: str, spec: ResNetSpec, packing: Packing):
-  """``mode`` of ``spec`` jitted over packed weights passed as arguments: one compilation shared by
-  every ``run`` call with that network and layout, whatever the weights."""
-  return compilation.jit(functools.partial(_apply_packed, mode, spec, packing))
-
-
-def run(mode: str, spec: ResNetSpec, variables, images, policy):
-  """Logits under ``policy`` with the chosen execution mode (jitted). For repeated calls with the
-  same weights ``Runner`` is faster: it packs them once and compiles them in."""
-  if mode in _APPLY:
-    packed, packing = _laid_out_and_packed(mode, spec, variables)
-    return _compiled(mode, spec, packing)(packed, images, policy)
-  if mode == "grouped":
-    return GroupedExecutor(spec, variables)(images, policy)
-  if mode == "blockwise":
-    return GroupedExecutor(spec, variables, inner="blockwise")(images, policy)
-  raise ValueError(f"unknown execution mode {mode!r}; choose one of {MODES}")
+    in_group_logits = sum(shares)[:len(images)]  # each row is one share's, zero in the others
+    logits = np.empty_like(in_group_logits)
+    logits[order] = in_group_logits
+    return logits

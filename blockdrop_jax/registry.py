@@ -20,10 +20,19 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from blockdrop_jax.data import shared_data_dir
 from blockdrop_jax.errors import BlockDropError
 
 CACHE_ENV = "BLOCKDROP_CACHE"
+SHARED_DATA_ENV = "BLOCKDROP_SHARED_DATA"
+
+
+def shared_data_dir() -> str:
+  """The offline data folder: $BLOCKDROP_SHARED_DATA, default ``../shared/data`` beside the repo."""
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                         "shared", "data")
+  return os.path.abspath(os.environ.get(SHARED_DATA_ENV, default))
+
+
 _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models"
 
 

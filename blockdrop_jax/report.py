@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blockdrop_jax import evaluation, flops, trainer  # noqa: E402
+from blockdrop_jax import checkpoint, evaluation, flops  # noqa: E402
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -145,7 +145,7 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   os.makedirs(out_dir, exist_ok=True)
   reports, main = {}, None
   for run in runs:
-    nets, params, stats, meta = trainer.load_run(run)
+    nets, params, stats, meta = checkpoint.load_run(run)
     report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress)
     reports[os.path.basename(os.path.abspath(run))] = report
     if main is None:
@@ -157,10 +157,10 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   ks = sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)})
   curves: dict = {"FirstK": {}, "RandomK": {}}
   for k in ks:
-    for name, policies in (("FirstK", evaluation.first_k_policies(n, K, k)),
-                           ("RandomK", evaluation.random_k_policies(n, K, k))):
-      r = evaluation.fixed_policy_report(nets, params, stats, dataset, policies, batch_size, progress)
-      curves[name][k] = (r["flops_mean"], r["accuracy"])
+    reports_at_k = evaluation.fixed_k_reports(nets, params, stats, dataset, k, batch_size,
+                                              progress=progress)
+    for name, key in (("FirstK", f"first{k}"), ("RandomK", f"random{k}")):
+      curves[name][k] = (reports_at_k[key]["flops_mean"], reports_at_k[key]["accuracy"])
   full = curves["FirstK"][K]
   policies = np.asarray(report["policies"], np.float32)
   blocks = policies.sum(1)

@@ -38,9 +38,32 @@ def create_state(params: dict, batch_stats: dict, tx: optax.GradientTransformati
   return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
 
 
+def make_optimizer(stage: str, cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The stage's optimiser over the networks it trains; the others get zero updates."""
+  if stage == "pretrain":
+    boundaries = {int(cfg.epochs * f) * steps_per_epoch: 0.1 for f in (0.5, 0.75)}
+    lr = optax.piecewise_constant_schedule(cfg.lr, boundaries)
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                        optax.sgd(lr, cfg.momentum, nesterov=cfg.nesterov))
+    trained = ("resnet",)
+  elif stage == "curriculum":
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+    trained = ("policy",)
+  else:
+    lr = optax.exponential_decay(cfg.lr, cfg.lr_decay_every * steps_per_epoch, 0.1, staircase=True)
+    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
+    trained = ("resnet", "policy")
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _: "train" if name in trained else "frozen", sub)
+            for name, sub in params.items()}
+
+  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLoss:
-  """The BlockDrop objective. Defaults are the original's quirks (DESIGN.md section 3)."""
+  """The BlockDrop objective. Defaults are the original's quirks (docs/method.md)."""
 
   alpha: float = 0.8
   beta: float = 0.1  # entropy weight (curriculum only)

@@ -7,7 +7,7 @@ epoch, so batches are smaller here and the curriculum hands over one block per e
 
 import os
 
-from blockdrop_jax.data import shared_data_dir
+from blockdrop_jax.registry import shared_data_dir
 from configs import default
 
 

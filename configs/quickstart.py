@@ -8,7 +8,7 @@ Small on purpose (1,000 training images, 13 short epochs); see akamaster_r32_sub
 
 import os
 
-from blockdrop_jax.data import shared_data_dir
+from blockdrop_jax.registry import shared_data_dir
 from configs import default
 
 

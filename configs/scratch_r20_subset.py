@@ -6,7 +6,7 @@ The smoke variant swaps in a ResNet-8 base so that all three stages run in secon
 
 import os
 
-from blockdrop_jax.data import shared_data_dir
+from blockdrop_jax.registry import shared_data_dir
 from configs import default
 
 

@@ -8,32 +8,25 @@ import pytest
 from conftest import REPO, load_benchmark
 
 
-def test_speed_benchmark_prints_both_tables(shared_data, capsys):
+def test_speed_benchmark_prints_every_inference_mode(shared_data, capsys):
   speed = load_benchmark("speed")
   assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
-                     "--repeats", "1", "--unique-policies", "2", "--curriculum-batch", "8",
-                     "--curriculum-points", "2", "--curriculum-keep", "0.5",
-                     "--imagenet-nets", "imagenet_resnet10", "--imagenet-images", "1"]) == 0
-  lines = capsys.readouterr().out.splitlines()
-  inference = [line for line in lines if line.startswith("| cifar_resnet20 | ")
-               and "bias logit" not in line]
-  modes = {line.split(" | ")[2].split(" (")[0] for line in inference}
-  assert modes >= {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
-                   "masked", "batch_skip", "looped", "compact",
-                   "compact, batches of 4, 2 in flight", "blockwise",
-                   "batch_skip, weights as packed arguments", "batch_skip, weights unpacked",
-                   "grouped, looped inside, 2 in flight", "grouped, looped inside, 1 in flight",
-                   "grouped, batch_skip inside, 2 in flight", "grouped, blockwise inside"}
+                     "--repeats", "1", "--unique-policies", "2", "--curriculum-keep",
+                     "--imagenet-nets"]) == 0
+  inference = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| cifar_resnet20 | ")]
+  modes = {batch: {line.split(" | ")[2].split(" (")[0] for line in inference
+                   if line.split(" | ")[1] == batch} for batch in ("1", "8")}
+  full = {"full", "full, masked with all kept"}
+  assert modes["1"] == full | {"masked", "batch_skip", "looped", "compact"}
+  assert modes["8"] == full | {"full, batches of 16, 2 in flight", "masked", "batch_skip",
+                               "looped", "compact", "compact, batches of 4, 2 in flight",
+                               "grouped"}
   # Speedups are over the faster way of running the full network, so that one reads 1.00.
   full_rows = [line.split(" | ") for line in inference if line.split(" | ")[2].startswith("full")]
   assert sorted(row[5] for row in full_rows if row[1] == "8")[-1] == "1.00"
   # ... and paired with itself in every repeat it is exactly 1.
   assert "1.00 (1.00-1.00)" in {row[7] for row in full_rows if row[1] == "8"}
-  imagenet = [line.split(" | ") for line in lines if line.startswith("| imagenet_resnet10 | ")]
-  assert {row[1] for row in imagenet} == {"1"} and "batch_skip" in {row[2] for row in imagenet}
-  curriculum = [line.split(" | ") for line in lines if "bias logit(0.5)" in line]
-  assert [row[2] for row in curriculum] == ["masked", "compact"]
-  assert curriculum[0][7] == "1.00x (1.00-1.00)"
 
 
 def test_paired_ratio_is_the_median_and_quartiles_of_ratios_within_each_repeat():
@@ -52,27 +45,13 @@ def test_paired_ratio_is_the_median_and_quartiles_of_ratios_within_each_repeat()
     speed.paired_ratio([1.0, 2.0], [1.0])
 
 
-def test_speed_benchmark_times_only_the_modes_asked_for(shared_data, capsys):
-  speed = load_benchmark("speed")
-  assert speed.main(["--nets", "cifar_resnet20", "--images", "8", "--batch-1-images", "2",
-                     "--repeats", "1", "--unique-policies", "2", "--curriculum-keep",
-                     "--imagenet-nets", "--modes", "batch_skip",
-                     "grouped, looped inside, 2 in flight"]) == 0
-  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
-          if line.startswith("| cifar_resnet20 | ")]
-  modes = {batch: {row[2].split(" (")[0] for row in rows if row[1] == batch} for batch in ("1", "8")}
-  assert modes["1"] == {"full", "full, masked with all kept", "batch_skip"}
-  assert modes["8"] == {"full", "full, masked with all kept", "full, batches of 16, 2 in flight",
-                        "batch_skip", "grouped, looped inside, 2 in flight"}
-
-
 def test_speed_benchmark_refuses_a_mode_no_table_has(shared_data, capsys):
   speed = load_benchmark("speed")
   with pytest.raises(SystemExit) as exit_info:
-    speed.main(["--nets", "cifar_resnet20", "--images", "8", "--modes", "batch_skip", "grouped"])
+    speed.main(["--nets", "cifar_resnet20", "--images", "8", "--modes", "batch_skip", "blockwise"])
   assert exit_info.value.code == 2
   message = capsys.readouterr().err
-  assert "no table has 'grouped'" in message and "'grouped, looped inside, 2 in flight'" in message
+  assert "no table has 'blockwise'" in message and "'grouped'" in message
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +66,38 @@ def trained_run(tmp_path_factory, shared_data):
 
 
 def test_speed_benchmark_times_a_trained_runs_policies(trained_run, capsys):
-  from blockdrop_jax import data, flops
+  """The run's own net under the policies its policy network picks, only the modes asked for,
+  the curriculum step with its policy network, and ImageNet nets at batch 1 when asked."""
+  from blockdrop_jax import data, flops, registry
   speed = load_benchmark("speed")
   assert speed.main(["--checkpoint", trained_run, "--images", "8", "--batch-1-images", "2",
                      "--repeats", "1", "--curriculum-batch", "8", "--curriculum-points", "2",
-                     "--curriculum-keep", "trained", "0.5", "--modes", "batch_skip"]) == 0
+                     "--curriculum-keep", "trained", "--modes", "batch_skip",
+                     "--imagenet-nets", "imagenet_resnet10", "--imagenet-images", "1"]) == 0
   lines = capsys.readouterr().out.splitlines()
   run = speed.TrainedRun(trained_run)
   images, _ = data.read_cifar_records(os.path.join(
-      data.shared_data_dir(), "cifar10", "subset", "test_batch_first1000.bin"))
+      registry.shared_data_dir(), "cifar10", "subset", "test_batch_first1000.bin"))
   policies = run.policies(images[:8])
   table = flops.flops_table(run.nets.resnet)
   distinct = len(np.unique(policies, axis=0))
   assert any(f"{distinct} distinct vectors" in line for line in lines)
   rows = [line.split(" | ") for line in lines if line.startswith("| cifar_resnet8 | ")]
+  inference = [row for row in rows if row[1] in ("1", "8")]
+  assert {(row[1], row[2]) for row in inference} == {
+      (batch, mode) for batch in ("1", "8") for mode in ("full", "full, masked with all kept",
+                                                         "batch_skip")} | {
+      ("8", "full, batches of 16, 2 in flight")}
   # The inference rows run the run's own net under the policies its policy network picks.
-  skip = {row[1]: row for row in rows if row[2] == "batch_skip"}
+  skip = {row[1]: row for row in inference if row[2] == "batch_skip"}
   assert skip["8"][4] == f"{table.full / np.mean(table.under(policies)):.2f}"
   assert skip["1"][4] == f"{table.full / np.mean(table.under(policies[:2])):.2f}"
-  curriculum = [row[1:3] for row in rows if row[1] not in ("1", "8")]
-  assert curriculum == [[run.name, "masked"], [run.name, "compact"],
-                        ["bias logit(0.5)", "masked"], ["bias logit(0.5)", "compact"]]
-  assert not any(line.startswith("| imagenet_") for line in lines)
+  curriculum = [row for row in rows if row[1] not in ("1", "8")]
+  assert [row[1:3] for row in curriculum] == [[run.name, "masked"], [run.name, "compact"]]
+  assert curriculum[0][7] == "1.00x (1.00-1.00)"  # the masked step paired with itself
+  imagenet = [line.split(" | ") for line in lines if line.startswith("| imagenet_resnet10 | ")]
+  assert {(row[1], row[2]) for row in imagenet} == {
+      ("1", "full"), ("1", "full, masked with all kept"), ("1", "batch_skip")}
 
 
 @pytest.mark.parametrize("args, message", [

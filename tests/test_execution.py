@@ -30,13 +30,12 @@ def _policies(n, K, seed=0, keep=0.4, unique=None):
   return pool[rng.integers(0, unique, n)]
 
 
-def test_batch_skip_equals_masked(net):
-  spec, variables, images = net
-  policy = _policies(len(images), spec.num_blocks)
-  policy[:, 4] = 0.0  # a block nobody runs: skipped for the whole batch
-  masked = execution.run("masked", spec, variables, images, policy)
-  np.testing.assert_allclose(execution.run("batch_skip", spec, variables, images, policy), masked,
-                             atol=TOL)
+_masked = jax.jit(resnet.apply, static_argnums=0)
+_compact = jax.jit(execution.compact_apply, static_argnums=0)
+
+
+def masked(spec, variables, images, policy):
+  return _masked(spec, variables, images, policy)
 
 
 def test_looped_skip_equals_masked(net):
@@ -53,18 +52,9 @@ def test_looped_skip_equals_masked(net):
   policy = _policies(len(images), spec.num_blocks, seed=5)
   policy[:, 1] = 0.0
   policy[:, 4:6] = 0.0
-  np.testing.assert_allclose(execution.run("looped", spec, variables, images, policy),
-                             execution.run("masked", spec, variables, images, policy), atol=TOL)
-
-
-def test_batch_one_runs_each_images_own_blocks(net):
-  spec, variables, images = net
-  policy = _policies(8, spec.num_blocks, seed=1)
-  masked = execution.run("masked", spec, variables, images[:8], policy)
-  single = np.concatenate([execution.run("batch_skip", spec, variables, images[i:i + 1], policy[i:i + 1])
-                           for i in range(8)])
-  np.testing.assert_allclose(single, masked, atol=TOL)
-
+  looped = jax.jit(execution.looped_skip_apply, static_argnums=0)
+  np.testing.assert_allclose(looped(spec, stacked, images, policy),
+                             masked(spec, variables, images, policy), atol=TOL)
 
 
 def test_packed_weights_unpack_exactly(net):
@@ -77,18 +67,21 @@ def test_packed_weights_unpack_exactly(net):
 
 
 def test_runner_equals_the_plain_network(net):
+  """Every Runner mode at batch 16 (with a block no image runs: skipped for the whole batch) and
+  at batch 1, where batch_skip runs exactly that image's blocks."""
   spec, variables, images = net
   policy = _policies(16, spec.num_blocks, seed=2)
-  unpacked = jax.jit(lambda x, p: resnet.apply(spec, variables, x, p))
+  policy[:, 4] = 0.0
   np.testing.assert_allclose(execution.Runner("masked", spec, variables)(images[:16]),
-                             unpacked(images[:16], None), atol=TOL)
-  for mode in ("masked", "batch_skip", "looped", "compact"):
+                             masked(spec, variables, images[:16], None), atol=TOL)
+  expected = masked(spec, variables, images[:16], policy)
+  for mode in execution.RUNNER_MODES:
     runner = execution.Runner(mode, spec, variables)
-    np.testing.assert_allclose(runner(images[:16], policy), unpacked(images[:16], policy),
-                               atol=TOL, err_msg=mode)
-    np.testing.assert_allclose(runner(images[:1], policy[:1]), unpacked(images[:1], policy[:1]),
-                               atol=TOL, err_msg=f"{mode} at batch 1")
-  with pytest.raises(ValueError, match="unknown jitted execution mode 'grouped'"):
+    np.testing.assert_allclose(runner(images[:16], policy), expected, atol=TOL, err_msg=mode)
+    if mode in ("batch_skip", "looped"):  # the batch-1 modes
+      single = np.concatenate([runner(images[i:i + 1], policy[i:i + 1]) for i in range(4)])
+      np.testing.assert_allclose(single, expected[:4], atol=TOL, err_msg=f"{mode} at batch 1")
+  with pytest.raises(ValueError, match="unknown execution mode 'grouped' for a Runner"):
     execution.Runner("grouped", spec, variables)
 
 
@@ -105,45 +98,25 @@ def test_runner_compiles_its_weights_into_the_program(net):
     assert arguments.count("%arg") == 2, (mode, arguments[:300])
 
 
-def test_run_compiles_once_for_any_weights(net, monkeypatch):
-  """One-off ``execution.run`` calls share a compilation per network and shape (weights are
-  arguments there); only a Runner compiles its own weights in."""
+def test_grouped_equals_masked_with_one_compilation_and_one_packing(net, monkeypatch):
+  """2 programs in flight from threads; one compilation for any policies and any number of images
+  up to the same power of 2; the weights packed once, when the executor is built (packing
+  ResNet-110's costs 8 ms)."""
   spec, variables, images = net
-  traces = []
-  monkeypatch.setitem(execution._APPLY, "compact",
-                      lambda *args: traces.append(1) or execution.compact_apply(*args))
-  execution._compiled.cache_clear()
-  policy = _policies(4, spec.num_blocks, seed=6)
-  other = jax.tree.map(lambda leaf: leaf * 0.5, variables)
-  first = execution.run("compact", spec, variables, images[:4], policy)
-  second = execution.run("compact", spec, other, images[:4], policy)
-  assert len(traces) == 1
-  assert not np.allclose(first, second)  # the second call used its own weights
-
-
-@pytest.mark.parametrize("inner, workers", [("looped", 2), ("looped", 1), ("batch_skip", 3),
-                                            ("blockwise", 2)])
-def test_grouped_equals_masked_with_bounded_compilations(net, inner, workers):
-  """Also with several programs in flight from threads: one compilation for any policies and any
-  number of images up to the same power of 2 (the jitted inners), or at most stem + K blocks + K
-  shortcuts + head per bucket size (blockwise)."""
-  spec, variables, images = net
-  executor = execution.GroupedExecutor(spec, variables, inner=inner, workers=workers)
+  packed = []
+  pack = execution.pack
+  monkeypatch.setattr(execution, "pack", lambda tree: packed.append(tree) or pack(tree))
+  executor = execution.GroupedExecutor(spec, variables)
   assert executor.buckets == (1, 2, 4, 8, 16)
   # 48 images: groups of up to 48 cut into batches of at most 16; 33 images: the same power of 2.
   for seed, (unique, n) in enumerate(((3, 48), (7, 48), (None, 48), (5, 33), (1, 48))):
     policy = _policies(n, spec.num_blocks, seed=seed, unique=unique)
     np.testing.assert_allclose(executor(images[:n], policy),
-                               execution.run("masked", spec, variables, images[:n], policy),
+                               masked(spec, variables, images[:n], policy),
                                atol=TOL, err_msg=f"unique policies {unique}, {n} images")
-  if inner == "blockwise":
-    assert executor.trace_count <= (2 * spec.num_blocks + 2) * len(executor.buckets)
-  else:
-    assert executor.trace_count == 1
+  assert executor.trace_count == 1 and len(packed) == 1
   with pytest.raises(ValueError, match="workers must be at least 1"):
     execution.GroupedExecutor(spec, variables, workers=0)
-  with pytest.raises(ValueError, match="unknown inner mode 'compact'"):
-    execution.GroupedExecutor(spec, variables, inner="compact")
 
 
 def test_share_out_balances_the_work():
@@ -151,28 +124,6 @@ def test_share_out_balances_the_work():
   assert sorted(i for share in shares for i in share) == list(range(8))
   assert [sum([16, 1, 8, 4, 16, 2, 8, 1][i] for i in share) for share in shares] == [28, 28]
   assert execution.share_out([5.0], 3) == [[0], [], []]
-
-
-def test_grouped_packs_the_weights_once(net, monkeypatch):
-  """Packing ResNet-110's weights costs 8 ms: done when the executor is built, not per call."""
-  spec, variables, images = net
-  packed = []
-  pack = execution.pack
-  monkeypatch.setattr(execution, "pack", lambda tree: packed.append(tree) or pack(tree))
-  executor = execution.GroupedExecutor(spec, variables, max_batch=8)
-  policy = _policies(16, spec.num_blocks, seed=5, unique=1)
-  for _ in range(2):
-    executor(images[:16], policy)
-  assert len(packed) == 1
-
-
-def test_blockwise_batch_one_equals_masked(net):
-  spec, variables, images = net
-  policy = _policies(6, spec.num_blocks, seed=4)
-  runner = execution.BlockwiseRunner(spec)
-  single = np.concatenate([runner(variables, images[i:i + 1], policy[i]) for i in range(6)])
-  np.testing.assert_allclose(single, execution.run("masked", spec, variables, images[:6], policy),
-                             atol=TOL)
 
 
 def test_grouping_and_bucketing():
@@ -192,13 +143,12 @@ def test_compact_equals_masked_with_one_compilation(net):
   for seed, keep in enumerate((0.0, 0.3, 0.7, 1.0)):  # every switch branch, none to all rows
     policy = _policies(len(images), spec.num_blocks, seed=seed, keep=keep)
     np.testing.assert_allclose(compact(spec, variables, images, policy),
-                               execution.run("masked", spec, variables, images, policy), atol=TOL)
+                               masked(spec, variables, images, policy), atol=TOL)
   assert compact._cache_size() == 1
   odd = images[:37]  # not a multiple of the chunk: padded with dropped rows
   policy = _policies(len(odd), spec.num_blocks, seed=5)
   np.testing.assert_allclose(compact(spec, variables, odd, policy),
-                             execution.run("masked", spec, variables, odd, policy), atol=TOL)
-
+                             masked(spec, variables, odd, policy), atol=TOL)
 
 
 def test_compact_covers_every_remainder_of_a_chunk(net):
@@ -210,8 +160,8 @@ def test_compact_covers_every_remainder_of_a_chunk(net):
   policy = np.zeros((len(images), spec.num_blocks), np.float32)
   for t, count in enumerate(counts):
     policy[rng.permutation(len(images))[:count], t] = 1.0
-  np.testing.assert_allclose(execution.run("compact", spec, variables, images, policy),
-                             execution.run("masked", spec, variables, images, policy), atol=TOL)
+  np.testing.assert_allclose(_compact(spec, variables, images, policy),
+                             masked(spec, variables, images, policy), atol=TOL)
 
 def test_curriculum_pair_equals_two_masked_passes(net):
   spec, variables, images = net
@@ -225,7 +175,7 @@ def test_curriculum_pair_equals_two_masked_passes(net):
     ours = pair(spec, variables, images[:batch], g, s, K - k)
     for logits, policy in zip(ours, (g, s)):
       np.testing.assert_allclose(
-          logits, execution.run("masked", spec, variables, images[:batch], policy), atol=TOL)
+          logits, masked(spec, variables, images[:batch], policy), atol=TOL)
   assert pair._cache_size() == 1
 
 
@@ -284,10 +234,12 @@ def test_modes_handle_projection_shortcuts():
   images = np.asarray(jax.random.uniform(jax.random.key(1), (4, 64, 64, 3)))
   policy = np.array([[1, 0, 0, 1, 1, 0, 0, 1], [0, 1, 0, 1, 1, 1, 0, 0],
                      [1, 1, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 1, 0, 1]], np.float32)
-  masked = execution.run("masked", spec, variables, images, policy)
-  for mode in ("batch_skip", "compact", "grouped"):
-    np.testing.assert_allclose(execution.run(mode, spec, variables, images, policy), masked,
-                               atol=TOL, err_msg=mode)
+  expected = masked(spec, variables, images, policy)
+  np.testing.assert_allclose(execution.Runner("compact", spec, variables)(images, policy), expected,
+                             atol=TOL, err_msg="compact")
+  # Grouped runs the shape-changing blocks as batch_skip does (gated_block), the others looped.
+  grouped = execution.GroupedExecutor(spec, variables, max_batch=1)  # 4 groups of 1
+  np.testing.assert_allclose(grouped(images, policy), expected, atol=TOL, err_msg="grouped")
 
 
 def test_auto_runs_compact_on_cpu_and_masked_where_compact_does_not_pay(net, test_records,

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from blockdrop_jax import configs, data, trainer
+from blockdrop_jax import checkpoint, configs, data, trainer
 from blockdrop_jax.errors import BlockDropError
 from conftest import REPO, load_benchmark
 
@@ -56,17 +56,22 @@ def test_empty_or_broken_folders_are_clear_errors(tmp_path, image_folder):
 
 def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path, capsys):
   """The R101_ImgNet config's pipeline (random 224 crops of 256 images, policy at 112 px), with a
-  ResNet-10 base from scratch so it runs in seconds: every stage and the report."""
+  random ResNet-10 base so it runs in seconds: both BlockDrop stages and the report."""
+  import jax
+  from blockdrop_jax import convert
+  from blockdrop_jax.models import resnet
+  spec = resnet.make_spec("imagenet_resnet10", num_classes=3)
+  base = str(tmp_path / "resnet10.safetensors")
+  convert.save_safetensors(base, resnet.init(spec, jax.random.key(0)), spec, layout="torchvision")
   config = configs.load(os.path.join(REPO, "configs", "r101_imgnet.py") + ":smoke", [
       f"--config.data.train={image_folder}", f"--config.data.test={image_folder}",
-      "--config.base.checkpoint=", "--config.base.arch=imagenet_resnet10",
-      "--config.base.num_classes=3", "--config.stages=pretrain,curriculum,finetune",
-      "--config.pretrain.batch_size=8", "--config.curriculum.batch_size=8",
-      "--config.finetune.batch_size=8", "--config.data.test_limit=0"])
+      f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=3",
+      "--config.curriculum.batch_size=8", "--config.finetune.batch_size=8",
+      "--config.data.test_limit=0"])
   metrics = trainer.train(config, str(tmp_path / "run"), progress=False)
   assert metrics["stage"] == "finetune" and 0.0 <= metrics["test_accuracy"] <= 1.0
   assert 0 <= metrics["test_blocks_mean"] <= 4  # ResNet-10: K = 4
-  nets = trainer.load_run(str(tmp_path / "run"))[0]
+  nets = checkpoint.load_run(str(tmp_path / "run"))[0]
   assert nets.resnet.image_size == 224 and nets.policy.input_pool == 2
   # The speed benchmark times CIFAR runs on 32 px images: a 224 px run is one clear error.
   with pytest.raises(SystemExit) as exit_info:

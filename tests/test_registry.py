@@ -39,7 +39,7 @@ def server(tmp_path):
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
   """No offline data folder, an empty cache."""
-  monkeypatch.setenv(data.SHARED_DATA_ENV, str(tmp_path / "no-shared-data"))
+  monkeypatch.setenv(registry.SHARED_DATA_ENV, str(tmp_path / "no-shared-data"))
   monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
   return tmp_path / "cache"
 

@@ -66,7 +66,7 @@ def test_nan_stops_without_saving_it(tmp_path, shared_data):
   proc = run_train(tmp_path, *NAN_OVERRIDES)
   _one_line_error(proc, "NaN")
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-  from blockdrop_jax import trainer
+  from blockdrop_jax import checkpoint
   if steps:  # whatever was saved before the blow-up is finite
-    params = trainer.load_run(str(tmp_path))[1]
+    params = checkpoint.load_run(str(tmp_path))[1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
