@@ -1,90 +1,118 @@
-"""Evaluate a ResNet or a BlockDrop run on a CIFAR split.
+"""Evaluate a ResNet or a BlockDrop run on a CIFAR split or an image folder.
 
   python evaluate.py --checkpoint resnet32.th --data ../shared/data/cifar10/subset/test_batch_first1000.bin
   python evaluate.py --checkpoint runs/r32 --data ... [--best] [--baselines] [--json out.json]
 
-A PyTorch/safetensors file is evaluated as a full ResNet (accuracy, per-image predictions); a
-training workdir as BlockDrop, with the original test.py report (accuracy, block usage, FLOPs/img
-with the policy network, unique policies) and per-image policies.
+A PyTorch/safetensors file of a ResNet is evaluated as a full network (accuracy, per-image
+predictions); a training workdir, or a checkpoint of the original's cl_training.py/finetune.py
+(``--base`` gives the ResNet of a curriculum checkpoint, which holds the policy alone), as
+BlockDrop, with the original test.py report (accuracy, block usage, FLOPs/img with the policy
+network, unique policies) and per-image policies.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+
+from absl import flags
 
 from blockdrop_jax import cli
+from blockdrop_jax.errors import BlockDropError
+from blockdrop_jax.evaluation import EVAL_MODES
+
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "a ResNet (PyTorch .th/.pt/.t7, our .safetensors export), a BlockDrop "
+    "checkpoint of the original code (.t7 with 'agent'), or a training workdir")
+BASE = flags.DEFINE_string(
+    "base", None, "the ResNet of a BlockDrop checkpoint that holds the policy network alone")
+INPUT_MEAN = flags.DEFINE_list(
+    "input_mean", None, "R,G,B mean of the input normalisation, replacing the one inferred for "
+    "the file (raw [0, 1] pixels: 0,0,0 with --input_std=1,1,1)")
+INPUT_STD = flags.DEFINE_list("input_std", None, "R,G,B standard deviation, as --input_mean")
+DATA = flags.DEFINE_string(
+    "data", None, "record file (.bin), CIFAR folder, image folder (<split>/<class>/*.JPEG), or a "
+    "name (cifar10, cifar100, tfds:cifar10)")
+SPLIT = flags.DEFINE_string("split", "test", "split for folders and TFDS (train/test)")
+DATASET = flags.DEFINE_enum("dataset", None, ["cifar10", "cifar100"],
+                            "record format of a single file (default cifar10)")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir")
+DOWNLOAD = flags.DEFINE_bool("download", False, "let TFDS download")
+ARCH = flags.DEFINE_string("arch", None, "override the architecture inferred from the keys")
+SHORTCUT = flags.DEFINE_enum("shortcut", None, ["A", "avgpool", "projection"],
+                             "override the shortcut kind inferred from the keys")
+BEST = flags.DEFINE_bool("best", False, "workdir: the best checkpoint, not the last")
+BASELINES = flags.DEFINE_bool(
+    "baselines", False, "workdir: also the full network, FirstK and RandomK at the same mean blocks")
+MODE = flags.DEFINE_enum(
+    "mode", EVAL_MODES[0], EVAL_MODES,
+    "workdir: how blocks run (same outputs): compact and grouped run only the blocks each image "
+    "keeps, masked runs all of them; auto: compact on CPU, masked on GPU, the fastest there")
+REPORT = flags.DEFINE_string(
+    "report", None, "workdir: write figures and report.md (what the policy learned) into this folder")
+COMPARE = flags.DEFINE_multi_string(
+    "compare", [], "with --report: another run (e.g. another penalty) for the trade-off figure; "
+    "repeat the flag for more")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 250, "images per batch", lower_bound=1)
+JSON = flags.DEFINE_string("json", None, "write the results and per-image outputs here")
+flags.mark_flags_as_required(["checkpoint", "data"])
 
 
-def parse_args(argv=None):
-  from blockdrop_jax.evaluation import EVAL_MODES
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True,
-                 help="PyTorch .th/.pt state dict, our .safetensors export, or a training workdir")
-  p.add_argument("--data", required=True,
-                 help="record file (.bin), CIFAR folder, image folder (<split>/<class>/*.JPEG), "
-                      "or a name (cifar10, cifar100, tfds:cifar10)")
-  p.add_argument("--split", default="test", help="split for folders and TFDS (train/test)")
-  p.add_argument("--dataset", choices=("cifar10", "cifar100"), default=None,
-                 help="record format of a single file (default cifar10)")
-  p.add_argument("--data-dir", default=None, help="TFDS data_dir")
-  p.add_argument("--download", action="store_true", help="let TFDS download")
-  p.add_argument("--arch", default=None, help="override the architecture inferred from the keys")
-  p.add_argument("--shortcut", default=None, choices=("A", "avgpool", "projection"),
-                 help="override the shortcut kind inferred from the keys")
-  p.add_argument("--best", action="store_true", help="workdir: the best checkpoint, not the last")
-  p.add_argument("--baselines", action="store_true",
-                 help="workdir: also the full network, FirstK and RandomK at the same mean blocks")
-  p.add_argument("--mode", choices=EVAL_MODES, default=EVAL_MODES[0],
-                 help="workdir: how blocks run (same outputs): compact and grouped run only the "
-                      "blocks each image keeps, masked runs all of them; auto: compact on CPU, "
-                      "masked on GPU, the fastest there (docs/results.md)")
-  p.add_argument("--report", default=None, metavar="DIR",
-                 help="workdir: write figures and report.md (what the policy learned) into DIR")
-  p.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",
-                 help="with --report: more runs (e.g. other penalties) for the trade-off figure")
-  p.add_argument("--batch-size", type=cli.positive_int, default=250)
-  p.add_argument("--json", default=None, help="write the results and per-image outputs here")
-  return p.parse_args(argv)
+def _floats(flag) -> list[float] | None:
+  try:
+    return [float(v) for v in flag.value] if flag.value else None
+  except ValueError as e:
+    raise BlockDropError(f"--{flag.name}: expected numbers separated by commas ({e})") from e
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  with cli.user_errors():
-    from blockdrop_jax import convert, data, evaluation, trainer
-    dataset = data.load_dataset(args.data, args.split, args.dataset, args.data_dir, args.download)
-    if os.path.isdir(args.checkpoint):
-      nets, params, stats, meta = trainer.load_run(args.checkpoint, best=args.best)
-      result = evaluation.blockdrop_report(nets, params, stats, dataset, args.batch_size,
-                                           mode=args.mode)
-      print(f"BlockDrop {nets.resnet.name} ({meta['stage']} epoch {meta['epoch']}) on {dataset.source}")
-      print(evaluation.format_report(result))
-      print(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
-            "included; benchmarks/speed.py measures steady state)")
-      if args.baselines:
-        result["baselines"] = evaluation.baselines(nets, params, stats, dataset, result["blocks_mean"],
-                                                   args.batch_size)
-        for name, report in result["baselines"].items():
-          print(f"{name}: Accuracy: {report['accuracy']:.3f}  Blocks: {report['blocks_mean']:.2f}  "
-                f"FLOPs/img: {report['flops_mean']:.2E}")
-      spec = nets.resnet
-      if args.report:
-        from blockdrop_jax import report
-        path = report.write_report([args.checkpoint, *args.compare], dataset, args.report,
-                                   args.batch_size)
-        print(f"Report: {path}")
+def main(argv) -> int:
+  cli.no_positional_arguments(argv)
+  from blockdrop_jax import checkpoint, convert, data, evaluation
+  normalisation = dict(input_mean=_floats(INPUT_MEAN), input_std=_floats(INPUT_STD))
+  dataset = data.load_dataset(DATA.value, SPLIT.value, DATASET.value, DATA_DIR.value,
+                              DOWNLOAD.value)
+  blockdrop_file = (os.path.isfile(CHECKPOINT.value) and not CHECKPOINT.value.endswith(
+      ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
+  if os.path.isdir(CHECKPOINT.value) or blockdrop_file:
+    if blockdrop_file:
+      nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
+                                                              **normalisation)
+      origin = "the original's checkpoint"
     else:
-      spec, variables = convert.load_pretrained(args.checkpoint, args.arch, args.shortcut)
-      result = evaluation.evaluate_resnet(spec, variables, dataset, args.batch_size)
-      print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
-            f"({result['correct']}/{result['n']})")
-    result.update(checkpoint=args.checkpoint, data=dataset.source, arch=spec.name,
-                  shortcut=spec.shortcut, num_blocks=spec.num_blocks)
-    if args.json:
-      cli.write_json(args.json, result)
+      nets, params, stats, meta = checkpoint.load_run(CHECKPOINT.value, best=BEST.value)
+      origin = f"{meta['stage']} epoch {meta['epoch']}"
+    result = evaluation.blockdrop_report(nets, params, stats, dataset, BATCH_SIZE.value,
+                                         mode=MODE.value)
+    print(f"BlockDrop {nets.resnet.name} ({origin}) on {dataset.source}")
+    print(evaluation.format_report(result))
+    print(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
+          "included; benchmarks/speed.py measures steady state)")
+    if BASELINES.value:
+      result["baselines"] = evaluation.baselines(nets, params, stats, dataset,
+                                                 result["blocks_mean"], BATCH_SIZE.value)
+      for name, report in result["baselines"].items():
+        print(f"{name}: Accuracy: {report['accuracy']:.3f}  Blocks: {report['blocks_mean']:.2f}  "
+              f"FLOPs/img: {report['flops_mean']:.2E}")
+    spec = nets.resnet
+    if REPORT.value:
+      if blockdrop_file:
+        raise BlockDropError("--report reads training workdirs; for the original's checkpoint "
+                             "use --json, or continue it with train.py --config.init_from=FILE")
+      from blockdrop_jax import report
+      path = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
+                                 BATCH_SIZE.value)
+      print(f"Report: {path}")
+  else:
+    spec, variables = convert.load_pretrained(CHECKPOINT.value, ARCH.value, SHORTCUT.value,
+                                              **normalisation)
+    result = evaluation.evaluate_resnet(spec, variables, dataset, BATCH_SIZE.value)
+    print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
+          f"({result['correct']}/{result['n']})")
+  result.update(checkpoint=CHECKPOINT.value, data=dataset.source, arch=spec.name,
+                shortcut=spec.shortcut, num_blocks=spec.num_blocks)
+  if JSON.value:
+    cli.write_json(JSON.value, result)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -1,38 +1,66 @@
-"""Loading experiment configs (``configs/NAME.py[:variant]``) and ``--config.key=value`` overrides."""
+"""Experiment configs through ``ml_collections.config_flags``, as flax's examples load them.
+
+``--config configs/NAME.py[:smoke]`` names a file whose ``get_config(variant)`` returns a
+``ConfigDict``; ``--config.a.b=value`` overrides a key and keeps its type. On top of
+config_flags: a key the default config (``configs/default.py``) does not have is a typo, and a
+tuple of names may be given comma-separated (``--config.stages=pretrain,curriculum``).
+"""
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
-import sys
+import re
+from typing import Optional, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from blockdrop_jax.errors import BlockDropError
 
+HELP = "configs/NAME.py, optionally :smoke; override keys with --config.a.b=value"
 
-def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """The config of ``path[:variant]`` with overrides applied; unknown keys are errors."""
-  path, _, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    raise BlockDropError(f"config file not found: {path}")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)  # configs import each other as ``configs.default``
-  module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
+                       argv: Optional[Sequence[str]] = None) -> flags.FlagHolder:
+  """The ``--config`` flag (a locked ConfigDict: overrides keep each key's type); config_flags
+  defines an override flag for each ``--config.a.b`` in ``argv`` (default ``sys.argv``)."""
+  return config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values,
+                                         lock_config=True,
+                                         sys_argv=None if argv is None else list(argv))
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+  """``flag_values(argv)`` with any flag error (a missing config file, an unknown key, a value of
+  the wrong type, a bad variant) as one ``BlockDropError`` line."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path.partition(":")[0]):
+    raise BlockDropError(f"config file not found: {path.partition(':')[0]} (--config)")
   try:
-    config = module.get_config(variant)
-  except ValueError as e:
-    raise BlockDropError(f"{path}: {e}") from e
+    return flag_values(list(argv))
+  except (KeyError, AttributeError) as e:  # config_flags: an override of a key it does not have
+    raise BlockDropError(_unknown_key(path, argv)) from e
+  except flags.Error as e:  # its last line is the cause (a config file's traceback before it)
+    cause = str(e).strip().splitlines()[-1]
+    raise BlockDropError(re.sub(r"^\w+Error: ", "--config: ", cause)) from e
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks ``config``'s keys against the default config and splits comma-separated names."""
   from configs import default  # the schema every experiment extends
   check_keys(config, default.get_config())
-  config.lock()
-  for override in overrides:
-    apply_override(config, override)
+  _split_names(config)
   return config
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config of ``path[:variant]`` with ``--config.a.b=value`` overrides, parsed as the CLIs
+  parse them (for notebooks, tests and benchmarks)."""
+  argv = ["load", f"--config={path}", *overrides]
+  flag_values = flags.FlagValues()
+  holder = define_config_flag(flag_values, argv)
+  parse_flags(flag_values, argv)
+  return finalize(holder.value)
 
 
 def check_keys(config, schema, prefix: str = "config") -> None:
@@ -44,40 +72,36 @@ def check_keys(config, schema, prefix: str = "config") -> None:
       check_keys(value, schema[key], f"{prefix}.{key}")
 
 
-def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-  """``--config.a.b=value``: the value is parsed as a Python literal and must keep the key's type."""
-  if not override.startswith("--config.") or "=" not in override:
-    raise BlockDropError(f"unknown argument {override!r}; overrides look like --config.finetune.penalty=-10")
-  dotted, text = override[len("--config."):].split("=", 1)
-  *parents, leaf = dotted.split(".")
-  node = config
-  for i, name in enumerate(parents + [leaf]):
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      known = ", ".join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else "none"
-      raise BlockDropError(f"unknown config key config.{'.'.join((parents + [leaf])[:i + 1])}; "
-                           f"known keys there: {known}")
-    if name != leaf or i < len(parents):
+def _split_names(config: ml_collections.ConfigDict) -> None:
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _split_names(value)
+    elif isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+      config[key] = tuple(name.strip() for v in value for name in v.split(",") if name.strip())
+
+
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.removeprefix("--config=")
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_key(path: str, argv: Sequence[str]) -> str:
+  """Which ``--config.a.b`` override names no key, and the keys known where it points."""
+  config = load(path)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    dotted = arg.removeprefix("--config.").partition("=")[0]
+    node = config
+    for depth, name in enumerate(dotted.split(".")):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        where = ".".join(dotted.split(".")[:depth])
+        known = ", ".join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else "none"
+        return (f"unknown config key config.{dotted}; known keys in "
+                f"config{'.' + where if where else ''}: {known}")
       node = node[name]
-  value = _parse(text, config_value := node[leaf])
-  try:
-    node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise BlockDropError(f"config.{dotted}: cannot set {text!r} on a {type(config_value).__name__} "
-                         f"value ({e})") from e
-
-
-def _parse(text: str, current):
-  if isinstance(current, bool):
-    if text.lower() in ("true", "1", "yes"):
-      return True
-    if text.lower() in ("false", "0", "no"):
-      return False
-  if isinstance(current, str):
-    return text
-  if isinstance(current, tuple):
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  return float(value) if isinstance(current, float) and isinstance(value, int) else value
+  return f"unknown config key in {' '.join(argv[1:])}"

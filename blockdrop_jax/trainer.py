@@ -19,7 +19,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from tqdm import tqdm
 
 from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry, steps
@@ -98,10 +97,17 @@ def load_data(config) -> tuple[Dataset, Dataset]:
 
 def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   """Specs and (params, batch_stats) of the base ResNet and the policy network: from
-  ``config.init_from`` (an earlier run's workdir), else a base file plus a fresh policy."""
+  ``config.init_from`` (an earlier run's workdir, or a checkpoint of the original code, whose
+  ResNet comes from ``config.base.checkpoint`` if it holds the policy alone), else a base file
+  plus a fresh policy."""
   options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
+  if config.init_from and os.path.isfile(config.init_from):  # the original's BlockDrop checkpoint
+    nets, params, stats = convert.load_blockdrop_checkpoint(
+        config.init_from, config.base.checkpoint or None, config.base.input_mean or None,
+        config.base.input_std or None)
+    return dataclasses.replace(nets, **options), params, stats
   if config.init_from:
-    nets, params, stats, _ = load_run(config.init_from)
+    nets, params, stats, _ = checkpoint.load_run(config.init_from)
     return dataclasses.replace(nets, **options), params, stats
   if config.base.checkpoint:
     spec, base = convert.load_pretrained(config.base.checkpoint, config.base.arch or None,
@@ -118,29 +124,6 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
   return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
-
-
-def make_optimizer(stage: str, cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The stage's optimiser over the networks it trains; the others get zero updates."""
-  if stage == "pretrain":
-    boundaries = {int(cfg.epochs * f) * steps_per_epoch: 0.1 for f in (0.5, 0.75)}
-    lr = optax.piecewise_constant_schedule(cfg.lr, boundaries)
-    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                        optax.sgd(lr, cfg.momentum, nesterov=cfg.nesterov))
-    trained = ("resnet",)
-  elif stage == "curriculum":
-    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
-    trained = ("policy",)
-  else:
-    lr = optax.exponential_decay(cfg.lr, cfg.lr_decay_every * steps_per_epoch, 0.1, staircase=True)
-    inner = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
-    trained = ("resnet", "policy")
-
-  def labels(params):
-    return {name: jax.tree.map(lambda _: "train" if name in trained else "frozen", sub)
-            for name, sub in params.items()}
-
-  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
 
 
 def policy_loss(config, stage: str) -> PolicyLoss:
@@ -229,37 +212,8 @@ def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: in
           "config": config.to_json(), "metrics": metrics}
 
 
-def load_run(workdir: str, best: bool = False) -> tuple[Nets, dict, dict, dict]:
-  """(nets, params, batch_stats, meta) of a run's latest (or best) checkpoint."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
-  ckpts = checkpoint.RunCheckpoints(workdir)
-  manager = ckpts.best if best else ckpts.last
-  step = manager.best_step() if best else manager.latest_step()
-  if step is None:
-    raise BlockDropError(f"{workdir} has no {'best ' if best else ''}checkpoint yet")
-  meta = ckpts.restore_meta(step, manager)
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
-  nets = Nets(resnet.ResNetSpec.from_json(meta["resnet_spec"]),
-              resnet.ResNetSpec.from_json(meta["policy_spec"]))
-  params, stats = jax.eval_shape(lambda: _init_params(nets))
-  stage = meta["stage"]
-  tx = make_optimizer(stage, config[stage], 1)
-  template = jax.eval_shape(lambda: create_state(params, stats, tx))
-  state, meta = ckpts.restore(step, template, manager)
-  ckpts.close()
-  return nets, state.params, state.batch_stats, meta
-
-
-def _init_params(nets: Nets) -> tuple[dict, dict]:
-  key = jax.random.key(0)
-  base, policy = resnet.init(nets.resnet, key), resnet.init(nets.policy, key)
-  return ({"resnet": base["params"], "policy": policy["params"]},
-          {"resnet": base["batch_stats"], "policy": policy["batch_stats"]})
-
-
 def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
-  tx = make_optimizer(stage, run.config[stage], steps_per_epoch)
+  tx = steps.make_optimizer(stage, run.config[stage], steps_per_epoch)
   return create_state(params, stats, tx), tx
 
 

@@ -11,13 +11,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 
-from blockdrop_jax.data import SHARED_DATA_ENV, shared_data_dir  # noqa: E402
+from blockdrop_jax.registry import SHARED_DATA_ENV, shared_data_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A persistent compilation cache for the train.py and evaluate.py processes the tests start: each
-# compiles the same steps again (tests/test_train.py alone: 2.9 minutes without it, 1.8 with it;
-# the suite 7:51 against 7:30, docs/results.md, section 4). Made by the process that loads this
+# compiles the same steps again (tests/test_train.py alone: 2.9 minutes without it, 1.8 with it,
+# on 2 cores). Made by the process that loads this
 # file first (xdist's controller, whose workers inherit the variable) and removed when that
 # process ends. The test processes do without: there writing it cost more than it saved.
 CACHE_ENV, CACHE_OWNER_ENV = "BLOCKDROP_TEST_COMPILATION_CACHE", "BLOCKDROP_TEST_CACHE_OWNER"
@@ -33,7 +33,7 @@ def pytest_unconfigure(config):
 
 def cli_env(devices: int, cache: bool = True) -> dict:
   """The environment of a train.py or evaluate.py process that a test starts: ``devices`` fake
-  CPU devices and, with ``cache``, the session's compilation cache for every program it compiles
+  CPU devices and, with ``cache``, the test run's compilation cache for every program it compiles
   (a finite cache size turns on JAX's file lock: no process reads an entry half written)."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if cache:

@@ -18,18 +18,26 @@ def run_evaluate(*args):
                         capture_output=True, text=True, timeout=600)
 
 
+def evaluate_in_process(*args) -> int:
+  """evaluate.py's main() after its flags are parsed from ``args``, as the command does."""
+  import evaluate
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["evaluate.py", *args])
+  return evaluate.main(["evaluate.py"])
+
+
 @pytest.mark.parametrize("depth", sorted(EXPECTED_CORRECT))
 def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data, test_records, depth,
                                                          capsys):
   torch = pytest.importorskip("torch")
-  import evaluate
   import torch_reference as ref
   from blockdrop_jax import convert, data
 
   out = tmp_path / "out.json"
   # In-process (the same main() the command runs; the error tests below run the command itself).
-  assert evaluate.main(["--checkpoint", akamaster_file(shared_data, depth), "--data", test_records,
-                        "--json", str(out)]) == 0
+  assert evaluate_in_process("--checkpoint", akamaster_file(shared_data, depth), "--data",
+                             test_records, "--json", str(out)) == 0
   result = json.loads(out.read_text())
   assert result["correct"] == EXPECTED_CORRECT[depth] and result["n"] == 1000
   assert f"({EXPECTED_CORRECT[depth]}/1000)" in capsys.readouterr().out
@@ -70,9 +78,25 @@ def test_unknown_architecture(shared_data, test_records):
                                "--arch", "resnet33"), "unknown architecture 'resnet33'")
 
 
-def test_batch_size_must_be_positive(test_records, capsys):
+@pytest.mark.parametrize("args, message", [
+    (("--batch_size", "0"), "--batch_size=0: 0 is not a positive integer"),
+    (("--batchsize", "4"), "Unknown command line flag 'batchsize'"),
+    (("--mode", "fast"), "value should be one of"),
+    (("--input_mean", "0.5,x"), "--input_mean: expected numbers separated by commas")])
+def test_bad_flags_are_one_line(test_records, args, message, capsys):
+  """As the command parses them (cli.run's parser, then main), in-process."""
   import evaluate
+  from absl import flags
+  from blockdrop_jax import cli
+  flags.FLAGS.unparse_flags()
   with pytest.raises(SystemExit) as exit_info:
-    evaluate.parse_args(["--checkpoint", "x.th", "--data", test_records, "--batch-size", "0"])
+    argv = cli._parse(["evaluate.py", "--checkpoint", "x.th", "--data", test_records, *args])
+    cli.guarded(evaluate.main)(argv)
   assert exit_info.value.code == 2
-  assert "--batch-size: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_positional_arguments_are_refused(test_records):
+  _one_line_error(run_evaluate("--checkpoint", "x.th", "--data", test_records, "extra"),
+                  "unexpected arguments extra")

@@ -23,7 +23,7 @@ ENV = cli_env(devices=1)
 
 def train_cmd(workdir, *overrides, config=SMOKE):
   return [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--workdir",
-          str(workdir), "--no-progress", *overrides]
+          str(workdir), "--noprogress", *overrides]
 
 
 def run_train(workdir, *overrides, config=SMOKE):
@@ -45,12 +45,12 @@ def _records(workdir):
 def _final(workdir):
   """(params, batch_stats, meta, metrics records) of a run, wall-clock fields left out: they
   differ between any two runs, the rest must not."""
-  from blockdrop_jax import trainer
+  from blockdrop_jax import checkpoint, trainer
 
   def untimed(record):
     return {k: v for k, v in record.items() if k not in trainer.TIMING_METRICS}
 
-  _, params, stats, meta = trainer.load_run(str(workdir))
+  _, params, stats, meta = checkpoint.load_run(str(workdir))
   meta = {**meta, "metrics": untimed(meta["metrics"])}
   return params, stats, meta, [untimed(record) for record in _records(workdir)]
 
@@ -97,8 +97,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_p
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert target.exists(), "the run ended before the checkpoint to kill at"
-  from blockdrop_jax import trainer
-  meta = trainer.load_run(str(workdir))[3]
+  from blockdrop_jax import checkpoint
+  meta = checkpoint.load_run(str(workdir))[3]
   assert meta["stage"] == "curriculum" and meta["batch"] > 0  # stopped inside an epoch
   proc = run_train(workdir, "--config.checkpoint_every_steps=1")
   assert proc.returncode == 0, proc.stderr
