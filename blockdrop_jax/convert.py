@@ -7,10 +7,12 @@ keys are all listed in one error).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import os
 import re
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -156,8 +158,11 @@ def infer_spec(state_dict: dict, arch: Optional[str] = None,
                shortcut: Optional[str] = None) -> tuple[ResNetSpec, str]:
   """Architecture and layout of a PyTorch state dict from its keys; ``arch`` overrides depth.
 
-  Input normalisation follows the source: akamaster and torchvision nets use ImageNet mean/std,
-  the original BlockDrop CIFAR nets raw [0, 1] pixels.
+  Input normalisation follows the source: akamaster nets and every ImageNet net (torchvision's,
+  the original BlockDrop R101) use ImageNet mean/std; the original BlockDrop CIFAR nets and their
+  felixgwu bases (``layerN.*`` + ``fc`` keys with a CIFAR stem) raw [0, 1] pixels. The original's
+  R32_C10 alone was trained on CIFAR mean/std: ``configs/r32_c10.py`` sets it, and
+  ``config.base.input_mean/std`` or ``evaluate.py --input_mean/--input_std`` override any file.
   """
   sd = strip_module_prefix(state_dict)
   layout = detect_layout(sd)
@@ -188,7 +193,7 @@ def infer_spec(state_dict: dict, arch: Optional[str] = None,
     projections = any(re.search(r"(^|\.)(ds\.\d+|shortcut|downsample)\.0\.weight$", k) for k in sd)
     shortcut = ("projection" if projections or stem == "imagenet"
                 else "A" if layout == "akamaster" else "avgpool")
-  normalised = layout in ("akamaster", "torchvision")
+  normalised = layout == "akamaster" or stem == "imagenet"
   spec = make_spec(arch, num_classes=num_classes, shortcut=shortcut,
                    input_mean=IMAGENET_MEAN if normalised else (0.0, 0.0, 0.0),
                    input_std=IMAGENET_STD if normalised else (1.0, 1.0, 1.0),
@@ -196,33 +201,68 @@ def infer_spec(state_dict: dict, arch: Optional[str] = None,
   return spec, layout
 
 
-def load_torch_file(path: str) -> dict:
-  """A PyTorch checkpoint's state dict, read with ``weights_only=True`` (never arbitrary pickles)."""
+# Globals the original release's files pickle besides tensors and containers: its felixgwu
+# bases keep the ``argparse.Namespace`` of their training run. Anything else is refused.
+ALLOWED_GLOBALS = (argparse.Namespace,)
+
+
+def read_torch_file(path: str) -> dict:
+  """The dict a PyTorch checkpoint holds, read with ``torch.load(weights_only=True)`` and only
+  ``ALLOWED_GLOBALS`` besides tensors (never arbitrary pickles); tensors become numpy arrays."""
   if not os.path.isfile(path):
     raise BlockDropError(f"checkpoint file not found: {path}")
-  if path.endswith(".safetensors"):
-    return load_safetensors(path)[0]
   try:
     import torch
   except ImportError as e:
     raise BlockDropError("reading PyTorch files needs torch: pip install 'blockdrop-jax[torch]' "
                          "(CPU build: pip install torch==2.13.0)") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for bad files
     raise BlockDropError(
         f"refusing to load {path}: it cannot be read with torch.load(weights_only=True) "
-        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Only plain tensor checkpoints "
-        "are accepted; re-save the state_dict alone, or convert it to safetensors.") from e
-  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-    obj = obj["state_dict"]
-  for key in ("net", "model", "agent"):  # the original BlockDrop saves {'net': ...} / {'agent': ...}
-    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-      obj = obj[key]
-      break
-  if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
-    raise BlockDropError(f"{path} holds no state dict of tensors")
-  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Only tensor checkpoints are "
+        "accepted; re-save the state_dict alone, or convert it to safetensors.") from e
+  if not isinstance(obj, dict):
+    raise BlockDropError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+  return _to_numpy(obj)
+
+
+def _to_numpy(obj):
+  if hasattr(obj, "detach"):
+    return obj.detach().cpu().numpy()
+  if isinstance(obj, dict):
+    return {key: _to_numpy(value) for key, value in obj.items()}
+  return obj
+
+
+def _is_state_dict(obj) -> bool:
+  return isinstance(obj, dict) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
+
+
+def is_blockdrop_checkpoint(checkpoint: dict) -> bool:
+  """A file of the original's ``cl_training.py`` or ``finetune.py``: a policy network under
+  ``agent`` (``net`` in early files), and after finetuning the ResNet under ``resnet``."""
+  return any(_is_state_dict(checkpoint.get(key)) for key in ("agent", "net"))
+
+
+def state_dict_of(checkpoint: dict, path: str) -> dict:
+  """The state dict of a base network's file: the dict itself, or its ``state_dict`` (felixgwu,
+  akamaster), ``model`` or ``resnet`` (a BlockDrop checkpoint's ResNet) entry."""
+  if _is_state_dict(checkpoint):
+    return checkpoint
+  for key in ("state_dict", "model", "resnet"):
+    if _is_state_dict(checkpoint.get(key)):
+      return checkpoint[key]
+  raise BlockDropError(f"{path} holds no state dict of tensors (keys: {', '.join(map(str, checkpoint))})")
+
+
+def load_torch_file(path: str) -> dict:
+  """A network's state dict from a PyTorch or safetensors file."""
+  if path.endswith(".safetensors"):
+    return load_safetensors(path)[0]
+  return state_dict_of(read_torch_file(path), path)
 
 
 def save_safetensors(path: str, variables: dict, spec: ResNetSpec, layout: str = "blockdrop") -> None:
@@ -248,10 +288,12 @@ def load_safetensors(path: str) -> tuple[dict, Optional[ResNetSpec], Optional[st
       "blockdrop_jax.layout")
 
 
-def load_pretrained(path: str, arch: Optional[str] = None,
-                    shortcut: Optional[str] = None) -> tuple[ResNetSpec, dict]:
-  """(spec, variables) from a PyTorch ``.th``/``.pt`` file, our safetensors export, or a known
-  name such as ``akamaster/resnet32`` (resolved, downloaded if needed, and sha256-checked)."""
+def load_pretrained(path: str, arch: Optional[str] = None, shortcut: Optional[str] = None,
+                    input_mean: Optional[Sequence[float]] = None,
+                    input_std: Optional[Sequence[float]] = None) -> tuple[ResNetSpec, dict]:
+  """(spec, variables) from a PyTorch ``.th``/``.pt``/``.t7`` file, our safetensors export, or a
+  known name such as ``akamaster/resnet32`` (resolved, downloaded if needed, and sha256-checked).
+  ``input_mean``/``input_std`` replace the normalisation inferred for the file."""
   from blockdrop_jax import registry
   if path in registry.WEIGHTS:
     path = registry.resolve_weights(path)
@@ -260,7 +302,18 @@ def load_pretrained(path: str, arch: Optional[str] = None,
     state_dict, spec, layout = load_safetensors(path)
   else:
     state_dict = load_torch_file(path)
-  return load_pretrained_state(state_dict, arch, shortcut, spec, layout)
+  spec, variables = load_pretrained_state(state_dict, arch, shortcut, spec, layout)
+  return with_normalisation(spec, input_mean, input_std), variables
+
+
+def with_normalisation(spec: ResNetSpec, input_mean: Optional[Sequence[float]] = None,
+                       input_std: Optional[Sequence[float]] = None) -> ResNetSpec:
+  """``spec`` with the input mean and std replaced where given (three numbers each)."""
+  for name, value in (("input_mean", input_mean), ("input_std", input_std)):
+    if value and len(value) != 3:
+      raise BlockDropError(f"{name} needs 3 numbers (one per RGB channel), got {list(value)}")
+  return dataclasses.replace(spec, input_mean=tuple(map(float, input_mean or spec.input_mean)),
+                             input_std=tuple(map(float, input_std or spec.input_std)))
 
 
 def load_pretrained_state(state_dict: dict, arch: Optional[str] = None, shortcut: Optional[str] = None,
@@ -272,3 +325,35 @@ def load_pretrained_state(state_dict: dict, arch: Optional[str] = None, shortcut
     spec = inferred
   layout = layout or inferred_layout
   return spec, from_torch_state_dict(state_dict, spec, layout)
+
+
+def load_blockdrop_checkpoint(path: str, base: Optional[str] = None,
+                              input_mean: Optional[Sequence[float]] = None,
+                              input_std: Optional[Sequence[float]] = None):
+  """(nets, params, batch_stats) of one of the original's BlockDrop checkpoints: the policy
+  network from ``agent`` (``net``; the unused value head and a legacy ``features.fc`` dropped),
+  the ResNet from ``resnet``, or from the ``base`` file for a curriculum checkpoint, which holds
+  the policy alone. The policy network sees the ResNet's normalised input."""
+  from blockdrop_jax import steps
+  checkpoint = read_torch_file(path)
+  if not is_blockdrop_checkpoint(checkpoint):
+    raise BlockDropError(f"{path} is not a BlockDrop checkpoint (no 'agent' policy network inside)")
+  agent = checkpoint["agent"] if _is_state_dict(checkpoint.get("agent")) else checkpoint["net"]
+  agent = {k: v for k, v in agent.items() if not k.startswith("features.fc.")}
+  if _is_state_dict(checkpoint.get("resnet")):
+    spec, base_vars = load_pretrained_state(checkpoint["resnet"])
+  elif base:
+    spec, base_vars = load_pretrained(base)
+  else:
+    raise BlockDropError(f"{path} holds a policy network alone (a curriculum checkpoint): give "
+                         "the ResNet it was trained on (evaluate.py --base FILE, or "
+                         "config.base.checkpoint)")
+  spec = with_normalisation(spec, input_mean, input_std)
+  policy, policy_vars = load_pretrained_state(agent)
+  if policy.num_classes != spec.num_blocks:
+    raise BlockDropError(f"{path}: the policy network decides {policy.num_classes} blocks but "
+                         f"{spec.name} has {spec.num_blocks}; give the base it was trained on")
+  policy = dataclasses.replace(policy, input_mean=spec.input_mean, input_std=spec.input_std)
+  nets = steps.Nets(spec, policy)
+  return (nets, {"resnet": base_vars["params"], "policy": policy_vars["params"]},
+          {"resnet": base_vars["batch_stats"], "policy": policy_vars["batch_stats"]})

@@ -26,7 +26,7 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
   ``in_flight`` of them at once from threads: XLA:CPU runs one call per thread at a time and
   leaves cores idle between and inside calls (compact inference at 35% kept, 256 images as two
   batches in flight against one call: ResNet-110 0.85-0.89 against 0.73-0.84 of the FLOPs
-  speedup, docs/results.md runs I-L).
+  speedup on a 2-core CPU).
   At most ``in_flight`` batches wait, so memory stays bounded on streamed datasets."""
   n = len(arrays[0])
 
@@ -77,7 +77,7 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
                      grouped_window: Optional[int] = None) -> dict:
   """What the original ``test.py`` prints, plus per-image predictions, policies and images/s.
 
-  FLOPs/img counts the policy network and only the blocks each image runs (DESIGN.md s.4).
+  FLOPs/img counts the policy network and only the blocks each image runs (docs/method.md).
   ``mode`` (``EVAL_MODES``): "compact" and "masked" run policy and ResNet in one compiled
   function, "compact" computing each block only for the images that keep it; "grouped" runs the
   policy first, then each group of images sharing a policy with only its blocks
@@ -137,27 +137,15 @@ def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:
       "accuracy": float(np.mean(predictions == dataset.labels)),
       "correct": int(np.sum(predictions == dataset.labels)),
       "n": len(dataset),
-      "blocks_mean": float(blocks.mean()), "blocks_std": float(blocks.std()),
+      # As the original test.py: torch's (unbiased) std of the blocks, numpy's of the FLOPs.
+      "blocks_mean": float(blocks.mean()),
+      "blocks_std": float(blocks.std(ddof=1)) if len(blocks) > 1 else 0.0,
       "flops_mean": float(np.mean(per_image_flops)), "flops_std": float(np.std(per_image_flops)),
       "unique_policies": int(len(np.unique(policies, axis=0))),
       "predictions": predictions.tolist(),
       "confidence": confidence.round(5).tolist(),
       "policies": policies.astype(np.int8).tolist(),
   }
-
-
-def first_k_policies(n: int, num_blocks: int, k: int) -> np.ndarray:
-  """FirstK baseline: every image runs the first k blocks."""
-  return np.broadcast_to((np.arange(num_blocks) < k).astype(np.float32), (n, num_blocks)).copy()
-
-
-def random_k_policies(n: int, num_blocks: int, k: int, seed: int = 0) -> np.ndarray:
-  """RandomK baseline: every image runs k blocks drawn at random."""
-  rng = np.random.default_rng(seed)
-  policies = np.zeros((n, num_blocks), np.float32)
-  for row in policies:
-    row[rng.choice(num_blocks, k, replace=False)] = 1.0
-  return policies
 
 
 def format_report(report: dict) -> str:
@@ -170,15 +158,30 @@ def format_report(report: dict) -> str:
   ])
 
 
+def fixed_k_reports(nets: steps.Nets, params, stats, dataset: Dataset, k: int,
+                    batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict:
+  """The paper's baselines at k blocks, with the weights in ``params``: ``first{k}`` (every image
+  runs the first k blocks) and ``random{k}`` (each image runs k blocks drawn at random with
+  ``seed``). Reports without their per-image policies."""
+  n, K = len(dataset), nets.resnet.num_blocks
+  first = np.broadcast_to((np.arange(K) < k).astype(np.float32), (n, K))
+  rng = np.random.default_rng(seed)
+  random = np.zeros((n, K), np.float32)
+  for row in random:
+    row[rng.choice(K, k, replace=False)] = 1.0
+  reports = {}
+  for name, policies in ((f"first{k}", first), (f"random{k}", random)):
+    report = fixed_policy_report(nets, params, stats, dataset, policies, batch_size, progress)
+    reports[name] = {key: value for key, value in report.items() if key != "policies"}
+  return reports
+
+
 def baselines(nets: steps.Nets, params, stats, dataset: Dataset, mean_blocks: float,
               batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict:
   """Full network, FirstK and RandomK at k = round(mean blocks of a BlockDrop policy)."""
   K, n = nets.resnet.num_blocks, len(dataset)
-  k = int(round(mean_blocks))
-  policies = {"full": np.ones((n, K), np.float32), f"first{k}": first_k_policies(n, K, k),
-              f"random{k}": random_k_policies(n, K, k, seed)}
-  out = {}
-  for name, policy in policies.items():
-    report = fixed_policy_report(nets, params, stats, dataset, policy, batch_size, progress)
-    out[name] = {key: value for key, value in report.items() if key != "policies"}
-  return out
+  full = fixed_policy_report(nets, params, stats, dataset, np.ones((n, K), np.float32),
+                             batch_size, progress)
+  return {"full": {key: value for key, value in full.items() if key != "policies"},
+          **fixed_k_reports(nets, params, stats, dataset, int(round(mean_blocks)), batch_size,
+                            seed, progress)}

@@ -1,3 +1,5 @@
+import argparse
+import fractions
 import os
 
 import jax
@@ -72,10 +74,14 @@ class Payload:
     return (os.system, ("echo owned",))
 
 
-def test_files_needing_arbitrary_unpickling_are_refused(tmp_path):
+@pytest.mark.parametrize("payload", [Payload(), fractions.Fraction(1, 3)],
+                         ids=["a function call", "a class not on the list"])
+def test_files_needing_arbitrary_unpickling_are_refused(tmp_path, payload):
+  """Only tensors, containers and the allow-list (the Namespace of felixgwu's files) load."""
   torch = pytest.importorskip("torch")
   path = str(tmp_path / "evil.pt")
-  torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload()}, path)
+  torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1),
+              "payload": payload}, path)
   with pytest.raises(BlockDropError, match="refusing to load .*weights_only=True"):
     convert.load_torch_file(path)
 
