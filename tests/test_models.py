@@ -77,6 +77,10 @@ def test_train_mode_updates_batch_stats_like_pytorch():
       (x - 0.0) / 1.0, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(new, 0.9 * old + 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  # torch.nn.BatchNorm2d keeps the unbiased variance of the batch.
+  np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["var"],
+                             0.9 * variables["batch_stats"]["stem_bn"]["var"]
+                             + 0.1 * np.var(np.asarray(conv), (0, 1, 2), ddof=1), rtol=1e-4)
 
 
 def _batch_norm_values_and_grads(module, variables, x, cotangent, train):
@@ -118,6 +122,11 @@ def test_batch_norm_equals_flax_batch_norm(train, devices):
     both = jax.shard_map(both, mesh=mesh, in_specs=(rows, rows),
                          out_specs=[(rows, whole, whole, rows)] * 2)
   ours_out, theirs_out = compilation.jit(both)(x, cotangent)
+  if train:  # flax's running variance averages the biased batch variance, PyTorch's (ours) not
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    old = variables["batch_stats"]["var"]
+    biased = (theirs_out[1]["var"] - 0.9 * old) / 0.1
+    theirs_out[1]["var"] = 0.9 * old + 0.1 * biased * n / (n - 1)
   chex.assert_trees_all_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
   if train:  # the running statistics moved
     assert not np.allclose(ours_out[1]["mean"], variables["batch_stats"]["mean"])

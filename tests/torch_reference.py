@@ -2,7 +2,8 @@
 
 They follow the original sources' module names (akamaster ``layer{i}.{b}``/``linear``, BlockDrop
 ``blocks.{s}.{b}``/``ds``/``fc``, torchvision ``layer{i}.{b}.downsample``) and gate each block the
-way BlockDrop's ``FlatResNet.forward`` does: ``x = fx * mask + residual * (1 - mask)``.
+way BlockDrop's ``FlatResNet.forward`` does: ``x = fx * mask + residual * (1 - mask)``, skipping
+a block that no image of the batch keeps.
 """
 
 import torch
@@ -132,7 +133,10 @@ class FlatResNet(nn.Module):
                       if self.shortcuts[s] == "avgpool" else self.ds[s](x))
         else:
           residual = x
-        x = gate(residual, block(x), policy, t)
+        if policy is not None and policy[:, t].sum() == 0:
+          x = residual  # the original's early exit: a block no image keeps does not run
+        else:
+          x = gate(residual, block(x), policy, t)
         t += 1
     return F.adaptive_avg_pool2d(x, 1).flatten(1)
 

@@ -2,13 +2,15 @@
 
 In training mode flax's BatchNorm leaves its reductions to autodiff: two sums over (batch, height,
 width) forward and four more in the backward pass, which XLA:CPU fuses with their elementwise
-inputs into slow tree reductions (a quarter of the policy network's update at batch 128 on the
-development machine). Here the backward pass is written out (``custom_vjp``: the textbook
+inputs into slow tree reductions (a quarter of the policy network's update at batch 128 on a
+2-core CPU). Here the backward pass is written out (``custom_vjp``: the textbook
 BatchNorm gradient, two sums), and on CPU every sum over rows is a matrix-vector product, 2-4x
 faster there; that update runs about 15% faster (docs/results.md). Other backends sum with
-``jnp.sum``. Same variables ('scale', 'bias'; batch stats 'mean', 'var'), running-average update,
-outputs and gradients as flax's ``BatchNorm(momentum, epsilon, axis_name)`` with its default fast
-variance (tests/test_models.py).
+``jnp.sum``. Same variables ('scale', 'bias'; batch stats 'mean', 'var'), outputs and gradients
+as flax's ``BatchNorm(momentum, epsilon, axis_name)`` with its default fast variance
+(tests/test_models.py). The running variance follows PyTorch, whose BatchNorm the original
+networks were trained with: it averages the unbiased batch variance (n / (n - 1) times the one
+that normalises), where flax averages the biased one.
 """
 
 from __future__ import annotations
@@ -106,14 +108,17 @@ def _varying_like(param, x):
 
 class BatchNorm(nn.Module):
   """``flax.linen.BatchNorm`` over every axis but the last, with ``batch_norm_train`` in training
-  mode. PyTorch's convention: running = momentum running + (1 - momentum) batch."""
+  mode. PyTorch's conventions: running = momentum running + (1 - momentum) batch, the variance
+  unbiased."""
 
   momentum: float = 0.9
   epsilon: float = 1e-5
   axis_name: Optional[str] = None  # batch statistics over all devices of this axis (pmap/shard_map)
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool):
+  def __call__(self, x, use_running_average: bool, update_stats=True):
+    """``update_stats`` (a bool, possibly traced): whether training mode moves the running
+    statistics (the original skips a block, and its BatchNorm updates, that no image keeps)."""
     channels = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
@@ -126,6 +131,10 @@ class BatchNorm(nn.Module):
                                     self.epsilon, self.axis_name)
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient((mean, var))
-      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+      n = _count(x.reshape(-1, channels), self.axis_name)
+      unbiased = var * (n / jnp.maximum(n - 1, 1))
+      new_mean = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      new_var = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+      running_mean.value = jnp.where(update_stats, new_mean, running_mean.value)
+      running_var.value = jnp.where(update_stats, new_var, running_var.value)
     return y

@@ -157,18 +157,20 @@ class Block(nn.Module):
     return self.stride != 1 or self.in_channels != self.out_channels
 
   @nn.compact
-  def __call__(self, x, train: bool = False, shortcut_only: bool = False):
+  def __call__(self, x, train: bool = False, shortcut_only: bool = False, runs=True):
     """Returns (residual, relu(residual + F(x))): the dropped and the kept output; with
-    ``shortcut_only`` just the dropped output (execution modes that skip the block)."""
+    ``shortcut_only`` just the dropped output (execution modes that skip the block). ``runs``
+    (possibly traced): whether some image keeps the block; in training mode the branch's
+    BatchNorm statistics move only then, as in the original, which skips such a block."""
     residual = self.shortcut(x, train)
     if shortcut_only:
       return residual
-    return residual, _block_relu(residual + self.branch(x, train))
+    return residual, _block_relu(residual + self.branch(x, train, runs))
 
-  def branch(self, x, train):
+  def branch(self, x, train, runs=True):
     def conv_bn(x, i, features, kernel, stride):
       return _batch_norm(f"bn{i}", self.axis_name)(_conv(features, kernel, stride, f"conv{i}")(x),
-                                                   not train)
+                                                   not train, runs)
 
     if self.block == "basic":
       return conv_bn(nn.relu(conv_bn(x, 1, self.width, 3, self.stride)), 2, self.width, 3, 1)
@@ -219,9 +221,9 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     return x
 
-  def run_block(self, t: int, x, train: bool = False):
+  def run_block(self, t: int, x, train: bool = False, runs=True):
     """(dropped output, kept output) of block t."""
-    return self.blocks[t](x, train)
+    return self.blocks[t](x, train, False, runs)
 
   def head(self, x):
     return self.fc(jnp.mean(x, axis=(1, 2)))
@@ -230,9 +232,15 @@ class ResNet(nn.Module):
     check_policy(policy, images.shape[0], self.spec.num_blocks)
     x = self.stem(images, train)
     for t in range(self.spec.num_blocks):
-      dropped, kept = self.run_block(t, x, train)
+      runs = True if policy is None or not train else self._kept_by_some_image(policy[:, t])
+      dropped, kept = self.run_block(t, x, train, runs)
       x = kept if policy is None else jnp.where(policy[:, t, None, None, None] > 0.5, kept, dropped)
     return self.head(x)
+
+  def _kept_by_some_image(self, keep):
+    """Whether any image of the (global) batch keeps a block."""
+    count = jnp.sum(keep > 0.5)
+    return (count if self.axis_name is None else jax.lax.psum(count, self.axis_name)) > 0
 
 
 def check_policy(policy, batch: int, num_blocks: int) -> None:
