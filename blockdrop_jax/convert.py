@@ -357,3 +357,29 @@ def load_blockdrop_checkpoint(path: str, base: Optional[str] = None,
   nets = steps.Nets(spec, policy)
   return (nets, {"resnet": base_vars["params"], "policy": policy_vars["params"]},
           {"resnet": base_vars["batch_stats"], "policy": policy_vars["batch_stats"]})
+
+
+def policy_from_resnet(policy: ResNetSpec, variables: dict, source: str) -> dict:
+  """``variables`` of a policy network with its stem and the first block of each stage (its
+  downsample included) taken from the ResNet in ``source`` (a file or a registry name), as the
+  original starts its ImageNet policy network (ResNet-10) from torchvision's ResNet-18; the
+  classifier keeps its own weights."""
+  spec, donor = load_pretrained(source)
+  first_blocks = {stage: t for t, (stage, b, *_) in enumerate(spec.block_layout()) if b == 0}
+  names = {"stem_conv": "stem_conv", "stem_bn": "stem_bn"}
+  for t, (stage, b, *_) in enumerate(policy.block_layout()):
+    if b != 0 or stage not in first_blocks:
+      raise BlockDropError(f"{source} ({spec.name}) cannot start the {policy.name} policy network: "
+                           "it needs one block per stage and the same stages")
+    names[f"block{t}"] = f"block{first_blocks[stage]}"
+  out = {collection: dict(tree) for collection, tree in variables.items()}
+  for collection, tree in out.items():
+    for ours, theirs in names.items():
+      if ours not in tree:
+        continue
+      taken = donor[collection][theirs]
+      if jax.tree.map(np.shape, taken) != jax.tree.map(np.shape, tree[ours]):
+        raise BlockDropError(f"{source} ({spec.name}): {theirs} does not fit {policy.name}'s "
+                             f"{ours}; give a ResNet with the policy network's widths")
+      tree[ours] = taken
+  return out

@@ -40,7 +40,7 @@ _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pre
 class Artifact:
   filename: str
   url: str
-  sha256: str
+  sha256: str  # the whole digest, or its first hex digits where only those are published
   shared_path: str  # where the offline data folder keeps it, relative to that folder
   extract: bool = False  # a .tar.gz archive unpacked into a folder of the cache
 
@@ -55,6 +55,12 @@ WEIGHTS = {
         (44, "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
         (56, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"))
 }
+
+# The ImageNet ResNet-18 whose layers start the original's ImageNet policy network: torchvision's
+# IMAGENET1K_V1 weights (torchvision publishes the first 8 hex digits of their sha256).
+WEIGHTS["torchvision/resnet18"] = Artifact(
+    "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "f37072fd", "pretrained/torchvision/resnet18-f37072fd.pth")
 
 # The official binary archives (what TFDS's cifar10/cifar100 builders download and read).
 DATASETS = {
@@ -82,7 +88,7 @@ def sha256_of(path: str) -> str:
 
 def _verified(path: str, artifact: Artifact, where: str) -> str:
   actual = sha256_of(path)
-  if actual != artifact.sha256:
+  if not actual.startswith(artifact.sha256):  # a prefix where only that is published
     raise BlockDropError(
         f"{path} ({where}) has sha256 {actual[:16]}..., expected {artifact.sha256[:16]}... for "
         f"{artifact.filename}: the file is damaged or a different version. Delete it, or download "

@@ -60,9 +60,10 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
       and config.base.checkpoint not in registry.WEIGHTS):
     raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint;"
                          f" a file, or one of {', '.join(registry.WEIGHTS)})")
-  for key in ("eval_every", "checkpoint_every_epochs"):
+  for key, unit in (("eval_every", "epochs"), ("checkpoint_every_epochs", "epochs"),
+                    ("log_every_steps", "steps")):
     if not isinstance(config[key], int) or config[key] < 1:
-      raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of epochs")
+      raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of {unit}")
   for stage in stages:
     cfg = config[stage]
     if stage != "pretrain":
@@ -120,6 +121,8 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
                                input_std=tuple(config.base.input_std or spec.input_std))
   policy_spec = resnet.policy_spec(spec, config.policy_arch or None)
   policy = resnet.init(policy_spec, jax.random.fold_in(key, 2))
+  if config.policy_init:
+    policy = convert.policy_from_resnet(policy_spec, policy, config.policy_init)
   nets = Nets(spec, policy_spec, **options)
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
@@ -203,6 +206,35 @@ class MetricsLog:
 # The loop
 
 
+class PendingMetrics:
+  """The training metrics of steps not yet brought to the host: summed on the device and fetched
+  every ``config.log_every_steps`` steps, before each checkpoint and at the end of each epoch, so
+  that the host never waits for a step it has just dispatched. A NaN or Inf loss in any step is
+  found at the next fetch, before anything is saved."""
+
+  def __init__(self, sums: dict):
+    self.sums = dict(sums)  # host sums (float64) of the epoch's fetched steps
+    self._window, self._steps = None, 0
+
+  def add(self, metrics) -> None:
+    self._window = metrics if self._window is None else jax.tree.map(jnp.add, self._window, metrics)
+    self._steps += 1
+
+  def fetch(self, where: str) -> dict:
+    """The mean of each metric over the steps since the last fetch (their sums join ``sums``)."""
+    window = jax.device_get(self._window)
+    if not math.isfinite(float(window["loss"])):
+      raise BlockDropError(
+          f"loss became NaN/Inf in {where}: stopped without saving this state; lower the "
+          "learning rate (the last good checkpoint is kept)")
+    for name, value in window.items():
+      self.sums[name] = self.sums.get(name, 0.0) + float(value)
+    means = {name: float(value) / self._steps for name, value in window.items()}
+    self._window, self._steps = None, 0
+    return means
+
+
+
 def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
           epoch_sums: Optional[dict] = None):
   """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics."""
@@ -221,7 +253,7 @@ def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
 # do not change results. Anything else would silently mix two experiments in one workdir.
 RESUMABLE_CHANGES = ("pretrain.epochs", "curriculum.epochs", "finetune.epochs", "curriculum.passes",
                      "eval_every", "keep_checkpoints", "checkpoint_every_epochs",
-                     "checkpoint_every_steps", "eval_batch_size")
+                     "checkpoint_every_steps", "eval_batch_size", "log_every_steps")
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -302,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       k = (curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block) if stage == "curriculum"
            else K)
       order = epoch_order(config.seed + 1000 * stage_index, epoch, len(train_ds))
-      sums = dict(sums_so_far)
+      pending = PendingMetrics(sums_so_far)
       bar = tqdm(range(batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{cfg.epochs}",
                  disable=not progress, leave=False, unit="step")
 
@@ -317,23 +349,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
         key = jax.random.fold_in(stage_key, global_step)
         images, labels = parallel.global_batch(mesh, *next(batches))
         state, metrics = step_fn(state, images, labels, key, jnp.int32(k))
-        metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics["loss"])):
-          raise BlockDropError(
-              f"loss became NaN/Inf ({metrics['loss']}) in {stage}, epoch {epoch + 1}, step {global_step}: "
-              "stopped without saving this state; lower the learning rate (the last good "
-              "checkpoint is kept)")
+        pending.add(metrics)
         global_step += 1
-        for name, value in metrics.items():
-          sums[name] = sums.get(name, 0.0) + float(value)
-        bar.set_postfix({n: f"{metrics[n]:.3f}" for n in ("reward", "accuracy", "accuracy_sampled",
-                                                         "blocks_sampled") if n in metrics})
         every = config.checkpoint_every_steps
-        if every and global_step % every == 0 and b + 1 < steps_per_epoch:
+        save = every and global_step % every == 0 and b + 1 < steps_per_epoch
+        if save or (b + 1) % config.log_every_steps == 0 or b + 1 == steps_per_epoch:
+          shown = pending.fetch(f"{stage}, epoch {epoch + 1}, by step {global_step}")
+          bar.set_postfix({n: f"{shown[n]:.3f}" for n in ("reward", "accuracy",
+                                                         "accuracy_sampled", "blocks_sampled")
+                           if n in shown})
+        if save:
           saving = time.perf_counter()
           ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch, b + 1,
-                                               global_step, last_metrics, sums))
+                                               global_step, last_metrics, pending.sums))
           started += time.perf_counter() - saving  # not step time
+      sums = pending.sums
       seconds = time.perf_counter() - started
       batch, sums_so_far = 0, {}
       record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,

@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment: the original BlockDrop hyper-parameters (DESIGN.md s.3).
+"""Defaults shared by every experiment: the original BlockDrop hyper-parameters (docs/method.md).
 
 Experiments import this and override. Variants: ``configs/NAME.py:smoke`` shrinks a config to
 a seconds-long run for tests.
@@ -22,6 +22,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       input_mean=(), input_std=()))
   c.init_from = ""  # an earlier run's workdir: start from its latest weights (base and policy)
   c.policy_arch = ""  # default: ResNet-8 (CIFAR) or ResNet-10 at 112 px (ImageNet)
+  # A ResNet (file or name) whose stem and first block of each stage start the policy network,
+  # as the original starts its ImageNet one from torchvision's ResNet-18; empty: random.
+  c.policy_init = ""
   c.data = ml_collections.ConfigDict(dict(
       train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
       data_dir="", download=False, train_limit=0, test_limit=0, augment=True))
@@ -52,6 +55,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # also inside epochs, every N steps; 0: never
   c.keep_checkpoints = 3
   c.eval_batch_size = 500
+  # Steps between fetches of the training metrics to the host (progress bar, NaN check); the
+  # steps in between run without the host waiting for them.
+  c.log_every_steps = 10
   return apply_variant(c, variant)
 
 

@@ -66,6 +66,7 @@ def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path, capsys):
   config = configs.load(os.path.join(REPO, "configs", "r101_imgnet.py") + ":smoke", [
       f"--config.data.train={image_folder}", f"--config.data.test={image_folder}",
       f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=3",
+      "--config.policy_init=",  # test_imagenet_policy_starts_from_resnet18_layers has that
       "--config.curriculum.batch_size=8", "--config.finetune.batch_size=8",
       "--config.data.test_limit=0"])
   metrics = trainer.train(config, str(tmp_path / "run"), progress=False)
@@ -78,3 +79,31 @@ def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path, capsys):
     load_benchmark("speed").main(["--checkpoint", str(tmp_path / "run")])
   assert exit_info.value.code == 2
   assert "is a run on 224 px images" in capsys.readouterr().err
+
+
+def test_imagenet_policy_starts_from_resnet18_layers(tmp_path):
+  """As the original's Policy224: the stem and the first block of each stage (downsample
+  included) from an ImageNet ResNet-18 file; the classifier stays its own."""
+  import jax
+  from blockdrop_jax import convert
+  from blockdrop_jax.models import resnet
+  donor_spec = resnet.make_spec("imagenet_resnet18")
+  donor = resnet.init(donor_spec, jax.random.key(1))
+  path = str(tmp_path / "resnet18.safetensors")
+  convert.save_safetensors(path, donor, donor_spec, layout="torchvision")
+  policy_spec = resnet.policy_spec(resnet.make_spec("imagenet_resnet101"))
+  fresh = resnet.init(policy_spec, jax.random.key(2))
+  started = convert.policy_from_resnet(policy_spec, fresh, path)
+  for collection in ("params", "batch_stats"):
+    for ours, theirs in (("stem_conv", "stem_conv"), ("stem_bn", "stem_bn"), ("block0", "block0"),
+                         ("block1", "block2"), ("block2", "block4"), ("block3", "block6")):
+      if ours in started[collection]:
+        jax.tree.map(np.testing.assert_array_equal, started[collection][ours],
+                     donor[collection][theirs])
+  assert "shortcut_conv" in started["params"]["block1"]  # the downsample of stage 2
+  np.testing.assert_array_equal(started["params"]["fc"]["kernel"], fresh["params"]["fc"]["kernel"])
+  with pytest.raises(BlockDropError, match="cannot start the imagenet_resnet10 policy network"):
+    cifar = resnet.make_spec("cifar_resnet20")
+    cifar_path = str(tmp_path / "cifar.safetensors")
+    convert.save_safetensors(cifar_path, resnet.init(cifar, jax.random.key(0)), cifar)
+    convert.policy_from_resnet(policy_spec, fresh, cifar_path)

@@ -70,3 +70,20 @@ def test_nan_stops_without_saving_it(tmp_path, shared_data):
   if steps:  # whatever was saved before the blow-up is finite
     params = checkpoint.load_run(str(tmp_path))[1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_metrics_come_to_the_host_in_windows_and_a_nan_in_one_is_found():
+  """The trainer keeps steps in flight: their metrics are summed on the device and fetched every
+  config.log_every_steps steps (and before any checkpoint), where a NaN loss stops the run."""
+  import jax.numpy as jnp
+  from blockdrop_jax import trainer
+  from blockdrop_jax.errors import BlockDropError
+  pending = trainer.PendingMetrics({"loss": 1.0})
+  for loss in (1.0, 2.0, 3.0):
+    pending.add({"loss": jnp.float32(loss), "accuracy": jnp.float32(0.5)})
+  assert pending.fetch("here") == {"loss": 2.0, "accuracy": 0.5}
+  assert pending.sums == {"loss": 7.0, "accuracy": 1.5}
+  for loss in (1.0, float("nan"), 2.0):
+    pending.add({"loss": jnp.float32(loss), "accuracy": jnp.float32(0.5)})
+  with pytest.raises(BlockDropError, match="NaN/Inf in epoch 2, by step 9"):
+    pending.fetch("epoch 2, by step 9")
