@@ -37,10 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockdrop_jax import (checkpoint, compilation, configs, convert,  # noqa: E402
-                           data, evaluation, execution, flops, registry, steps)
+from blockdrop_jax import (checkpoint, compilation, convert, data, evaluation,  # noqa: E402
+                           execution, flops, registry, steps)
 from blockdrop_jax.errors import BlockDropError  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
+from configs import default  # noqa: E402
 
 
 def timed_call(fn) -> tuple[float, object]:
@@ -127,10 +128,6 @@ def in_flight(fn, batch: int):
   return lambda x, p: evaluation.batched(fn, (x, p), batch, progress=False, in_flight=IN_FLIGHT)
 
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "default.py")
-
-
 def inference_modes(spec, variables, batch: int) -> tuple[dict, dict]:
   """({name: fn(images, policy)} of every mode of a table at ``batch``, the grouped executor
   among them by name). Building them compiles nothing."""
@@ -198,7 +195,7 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
   params = {"resnet": variables["params"], "policy": pv["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": pv["batch_stats"]}
   # The trainer's optimiser: Adam on the policy network, zero updates for the frozen ResNet.
-  tx = steps.make_optimizer("curriculum", configs.load(DEFAULT_CONFIG).curriculum, 1)
+  tx = steps.make_optimizer("curriculum", default.get_config().curriculum, 1)
   state = steps.create_state(params, stats, tx)
   x, y = jnp.asarray(images[:batch]), jnp.asarray(labels[:batch])
   K = spec.num_blocks

@@ -147,3 +147,18 @@ def test_normalisation_follows_the_file_and_can_be_overridden(original_files):
   assert (spec.input_mean, spec.input_std) == ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
   with pytest.raises(BlockDropError, match="input_std needs 3 numbers"):
     convert.load_pretrained(original_files["base"], input_std=(0.25,))
+
+
+def test_training_continues_from_the_originals_curriculum_checkpoint(original_files):
+  """train.py --config.init_from=FILE (with the base in config.base.checkpoint): the run starts
+  from the original's policy network and ResNet."""
+  import jax
+  from blockdrop_jax import configs, trainer
+  from conftest import REPO
+  config = configs.load(os.path.join(REPO, "configs", "r110_c10.py"), [
+      "--config.stages=finetune", f"--config.init_from={original_files['curriculum']}",
+      f"--config.base.checkpoint={original_files['base']}"])
+  nets, params, stats = trainer.initial_variables(config, jax.random.key(0))
+  expected = convert.load_blockdrop_checkpoint(original_files["finetuned"])
+  assert (nets.resnet, nets.policy) == (expected[0].resnet, expected[0].policy)
+  jax.tree.map(np.testing.assert_array_equal, (params, stats), expected[1:])

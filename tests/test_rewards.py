@@ -1,4 +1,4 @@
-"""The BlockDrop objective, term by term, against DESIGN.md section 3 written out in numpy."""
+"""The BlockDrop objective, term by term, against docs/method.md written out in numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def test_curriculum_schedule_forcing_and_mask():
 
 
 def _numpy_loss(logits, u, u_map, correct_u, correct_map, mask, loss, entropy, mean):
-  """DESIGN.md s.3 written out directly."""
+  """docs/method.md's losses written out directly."""
   p = 1 / (1 + np.exp(-logits))
   pb = loss.alpha * p + (1 - loss.alpha) * (1 - p)
   K = u.shape[1]

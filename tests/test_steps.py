@@ -1,4 +1,4 @@
-"""Train steps: gradients go where DESIGN.md says, and nowhere else."""
+"""Train steps: gradients go where docs/method.md says, and nowhere else."""
 
 import jax
 import jax.numpy as jnp
