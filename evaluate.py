@@ -52,6 +52,10 @@ REPORT = flags.DEFINE_string(
 COMPARE = flags.DEFINE_multi_string(
     "compare", [], "with --report: another run (e.g. another penalty) for the trade-off figure; "
     "repeat the flag for more")
+CROSS_CHECK = flags.DEFINE_bool(
+    "cross_check", False, "PyTorch file: also run its own tensors through the library's PyTorch "
+    "definition of the network on the same images, and print how many per-image predictions "
+    "(and greedy policies) agree and the largest logit difference (needs torch)")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 250, "images per batch", lower_bound=1)
 JSON = flags.DEFINE_string("json", None, "write the results and per-image outputs here")
 flags.mark_flags_as_required(["checkpoint", "data"])
@@ -107,11 +111,60 @@ def main(argv) -> int:
     result = evaluation.evaluate_resnet(spec, variables, dataset, BATCH_SIZE.value)
     print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
           f"({result['correct']}/{result['n']})")
+  if CROSS_CHECK.value:
+    if not os.path.isfile(CHECKPOINT.value) or CHECKPOINT.value.endswith(".safetensors"):
+      raise BlockDropError("--cross_check compares a PyTorch file (.th/.pt/.t7) with PyTorch")
+    result["cross_check"] = _cross_check(dataset, result, blockdrop_file, normalisation)
+    print(_describe(result["cross_check"]))
   result.update(checkpoint=CHECKPOINT.value, data=dataset.source, arch=spec.name,
                 shortcut=spec.shortcut, num_blocks=spec.num_blocks)
   if JSON.value:
     cli.write_json(JSON.value, result)
   return 0
+
+
+def _cross_check(dataset, result: dict, blockdrop_file: bool, normalisation: dict) -> dict:
+  """Our per-image outputs against PyTorch's from the file's own tensors."""
+  import numpy as np
+  from blockdrop_jax import convert, evaluation, steps
+  try:
+    from blockdrop_jax import torch_nets
+  except ImportError as e:
+    raise BlockDropError("--cross_check needs torch: pip install 'blockdrop-jax[torch]'") from e
+  n = len(dataset)
+  if blockdrop_file:
+    agent, resnet_state = convert.blockdrop_state_dicts(CHECKPOINT.value, BASE.value)
+    nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
+                                                            **normalisation)
+    policy_layout = convert.infer_spec(agent)[1]
+    policy_logits = torch_nets.logits(torch_nets.network(nets.policy, agent, policy_layout),
+                                      dataset.images)
+    policies = (policy_logits >= 0).astype(np.float32)
+    ours_policies = np.asarray(result["policies"], np.float32)
+  else:
+    resnet_state = convert.load_torch_file(CHECKPOINT.value)
+    spec, variables = convert.load_pretrained(CHECKPOINT.value, ARCH.value, SHORTCUT.value,
+                                              **normalisation)
+    nets = steps.Nets(spec)
+    params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
+    policies = ours_policies = np.ones((n, spec.num_blocks), np.float32)
+  layout = convert.infer_spec(resnet_state, ARCH.value, SHORTCUT.value)[1]
+  theirs = torch_nets.logits(torch_nets.network(nets.resnet, resnet_state, layout),
+                             dataset.images, policies)
+  ours = evaluation.resnet_logits(nets, params, stats, dataset, ours_policies, BATCH_SIZE.value,
+                                  progress=False)
+  check = {"images": n, "predictions_agree": int(np.sum(ours.argmax(-1) == theirs.argmax(-1))),
+           "max_logit_difference": float(np.max(np.abs(ours - theirs)))}
+  if blockdrop_file:
+    check["policies_agree"] = int(np.sum(np.all(policies == ours_policies, axis=1)))
+  return check
+
+
+def _describe(check: dict) -> str:
+  policies = (f", greedy policies {check['policies_agree']}/{check['images']}"
+              if "policies_agree" in check else "")
+  return (f"Cross-check with PyTorch: predictions {check['predictions_agree']}/{check['images']}"
+          f"{policies} agree; largest logit difference {check['max_logit_difference']:.2e}")
 
 
 if __name__ == "__main__":

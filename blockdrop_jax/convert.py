@@ -327,27 +327,34 @@ def load_pretrained_state(state_dict: dict, arch: Optional[str] = None, shortcut
   return spec, from_torch_state_dict(state_dict, spec, layout)
 
 
-def load_blockdrop_checkpoint(path: str, base: Optional[str] = None,
-                              input_mean: Optional[Sequence[float]] = None,
-                              input_std: Optional[Sequence[float]] = None):
-  """(nets, params, batch_stats) of one of the original's BlockDrop checkpoints: the policy
-  network from ``agent`` (``net``; the unused value head and a legacy ``features.fc`` dropped),
-  the ResNet from ``resnet``, or from the ``base`` file for a curriculum checkpoint, which holds
-  the policy alone. The policy network sees the ResNet's normalised input."""
-  from blockdrop_jax import steps
+def blockdrop_state_dicts(path: str, base: Optional[str] = None) -> tuple[dict, dict]:
+  """(policy network, ResNet) state dicts of one of the original's BlockDrop checkpoints: the
+  policy from ``agent`` (``net`` in early files; a legacy ``features.fc`` dropped), the ResNet
+  from ``resnet``, or from the ``base`` file for a curriculum checkpoint, which holds the policy
+  alone."""
   checkpoint = read_torch_file(path)
   if not is_blockdrop_checkpoint(checkpoint):
     raise BlockDropError(f"{path} is not a BlockDrop checkpoint (no 'agent' policy network inside)")
   agent = checkpoint["agent"] if _is_state_dict(checkpoint.get("agent")) else checkpoint["net"]
   agent = {k: v for k, v in agent.items() if not k.startswith("features.fc.")}
   if _is_state_dict(checkpoint.get("resnet")):
-    spec, base_vars = load_pretrained_state(checkpoint["resnet"])
-  elif base:
-    spec, base_vars = load_pretrained(base)
-  else:
+    return agent, checkpoint["resnet"]
+  if not base:
     raise BlockDropError(f"{path} holds a policy network alone (a curriculum checkpoint): give "
                          "the ResNet it was trained on (evaluate.py --base FILE, or "
                          "config.base.checkpoint)")
+  from blockdrop_jax import registry
+  return agent, load_torch_file(registry.resolve_weights(base))
+
+
+def load_blockdrop_checkpoint(path: str, base: Optional[str] = None,
+                              input_mean: Optional[Sequence[float]] = None,
+                              input_std: Optional[Sequence[float]] = None):
+  """(nets, params, batch_stats) of one of the original's BlockDrop checkpoints
+  (``blockdrop_state_dicts``). The policy network sees the ResNet's normalised input."""
+  from blockdrop_jax import steps
+  agent, resnet_state = blockdrop_state_dicts(path, base)
+  spec, base_vars = load_pretrained_state(resnet_state)
   spec = with_normalisation(spec, input_mean, input_std)
   policy, policy_vars = load_pretrained_state(agent)
   if policy.num_classes != spec.num_blocks:

@@ -123,10 +123,16 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
 def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, policies: np.ndarray,
                         batch_size: int = 250, progress: bool = True) -> dict:
   """The same report for given per-image policies (baselines: full network, FirstK, RandomK)."""
-  logits = batched(lambda x, p: _resnet_eval(nets, params, stats, x, p), (dataset.images, policies),
-                   min(batch_size, len(dataset)), progress=progress)
+  logits = resnet_logits(nets, params, stats, dataset, policies, batch_size, progress)
   return _report(logits, policies, dataset,
                  flops.flops_table(nets.resnet).under(policies))
+
+
+def resnet_logits(nets: steps.Nets, params, stats, dataset: Dataset, policies: np.ndarray,
+                  batch_size: int = 250, progress: bool = True) -> np.ndarray:
+  """Logits of the ResNet alone (inference mode) under given per-image policies."""
+  return batched(lambda x, p: _resnet_eval(nets, params, stats, x, p), (dataset.images, policies),
+                 min(batch_size, len(dataset)), progress=progress)
 
 
 def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:

@@ -115,10 +115,13 @@ def _test_py_report(rnet, agent, policies, matches) -> str:
 def test_felixgwu_base_evaluates_as_pytorch(original_files, test_records, tmp_path):
   out = tmp_path / "base.json"
   assert evaluate_in_process("--checkpoint", original_files["base"], "--data", test_records,
-                             "--json", str(out)) == 0
+                             "--json", str(out), "--cross_check") == 0
   result = json.loads(out.read_text())
   assert (result["arch"], result["shortcut"]) == ("cifar_resnet110", "avgpool")
   np.testing.assert_array_equal(result["predictions"], original_files["full"])
+  # The library's own PyTorch definition, run on the file's tensors, agrees image for image.
+  assert result["cross_check"]["predictions_agree"] == 1000
+  assert result["cross_check"]["max_logit_difference"] < 1e-3
 
 
 @pytest.mark.parametrize("which", ["finetuned", "curriculum"])
@@ -126,12 +129,18 @@ def test_blockdrop_checkpoint_evaluates_as_test_py(original_files, test_records,
                                                    capsys, which):
   out = tmp_path / f"{which}.json"
   base = ("--base", original_files["base"]) if which == "curriculum" else ()
+  cross_check = ("--cross_check",) if which == "finetuned" else ()
   assert evaluate_in_process("--checkpoint", original_files[which], *base, "--data",
-                             test_records, "--mode", "masked", "--json", str(out)) == 0
+                             test_records, "--mode", "masked", "--json", str(out),
+                             *cross_check) == 0
   result = json.loads(out.read_text())
   np.testing.assert_array_equal(result["policies"], original_files["policies"])
   np.testing.assert_array_equal(result["predictions"], original_files["predictions"])
-  assert original_files["report"] in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert original_files["report"] in printed
+  if cross_check:
+    assert ("Cross-check with PyTorch: predictions 1000/1000, greedy policies 1000/1000 agree"
+            in printed)
 
 
 def test_curriculum_checkpoint_without_its_base_is_one_line(original_files, test_records):
