@@ -70,8 +70,11 @@ def _floats(flag) -> list[float] | None:
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import checkpoint, convert, data, evaluation
+  from blockdrop_jax import checkpoint, convert, data, evaluation, steps
   normalisation = dict(input_mean=_floats(INPUT_MEAN), input_std=_floats(INPUT_STD))
+  if CROSS_CHECK.value and (not os.path.isfile(CHECKPOINT.value)
+                            or CHECKPOINT.value.endswith(".safetensors")):
+    raise BlockDropError("--cross_check compares a PyTorch file (.th/.pt/.t7) with PyTorch")
   dataset = data.load_dataset(DATA.value, SPLIT.value, DATASET.value, DATA_DIR.value,
                               DOWNLOAD.value)
   blockdrop_file = (os.path.isfile(CHECKPOINT.value) and not CHECKPOINT.value.endswith(
@@ -112,9 +115,10 @@ def main(argv) -> int:
     print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
           f"({result['correct']}/{result['n']})")
   if CROSS_CHECK.value:
-    if not os.path.isfile(CHECKPOINT.value) or CHECKPOINT.value.endswith(".safetensors"):
-      raise BlockDropError("--cross_check compares a PyTorch file (.th/.pt/.t7) with PyTorch")
-    result["cross_check"] = _cross_check(dataset, result, blockdrop_file, normalisation)
+    if not blockdrop_file:  # the ResNet as the BlockDrop paths hold it
+      nets = steps.Nets(spec)
+      params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
+    result["cross_check"] = _cross_check(dataset, result, blockdrop_file, nets, params, stats)
     print(_describe(result["cross_check"]))
   result.update(checkpoint=CHECKPOINT.value, data=dataset.source, arch=spec.name,
                 shortcut=spec.shortcut, num_blocks=spec.num_blocks)
@@ -123,10 +127,11 @@ def main(argv) -> int:
   return 0
 
 
-def _cross_check(dataset, result: dict, blockdrop_file: bool, normalisation: dict) -> dict:
-  """Our per-image outputs against PyTorch's from the file's own tensors."""
+def _cross_check(dataset, result: dict, blockdrop_file: bool, nets, params, stats) -> dict:
+  """Our per-image outputs (``result``, and the ResNet's logits from the loaded ``nets``,
+  ``params``, ``stats``) against PyTorch's from the file's own tensors."""
   import numpy as np
-  from blockdrop_jax import convert, evaluation, steps
+  from blockdrop_jax import convert, evaluation
   try:
     from blockdrop_jax import torch_nets
   except ImportError as e:
@@ -134,8 +139,6 @@ def _cross_check(dataset, result: dict, blockdrop_file: bool, normalisation: dic
   n = len(dataset)
   if blockdrop_file:
     agent, resnet_state = convert.blockdrop_state_dicts(CHECKPOINT.value, BASE.value)
-    nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
-                                                            **normalisation)
     policy_layout = convert.infer_spec(agent)[1]
     policy_logits = torch_nets.logits(torch_nets.network(nets.policy, agent, policy_layout),
                                       dataset.images)
@@ -143,11 +146,7 @@ def _cross_check(dataset, result: dict, blockdrop_file: bool, normalisation: dic
     ours_policies = np.asarray(result["policies"], np.float32)
   else:
     resnet_state = convert.load_torch_file(CHECKPOINT.value)
-    spec, variables = convert.load_pretrained(CHECKPOINT.value, ARCH.value, SHORTCUT.value,
-                                              **normalisation)
-    nets = steps.Nets(spec)
-    params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
-    policies = ours_policies = np.ones((n, spec.num_blocks), np.float32)
+    policies = ours_policies = np.ones((n, nets.resnet.num_blocks), np.float32)
   layout = convert.infer_spec(resnet_state, ARCH.value, SHORTCUT.value)[1]
   theirs = torch_nets.logits(torch_nets.network(nets.resnet, resnet_state, layout),
                              dataset.images, policies)
