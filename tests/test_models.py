@@ -111,7 +111,7 @@ def test_batch_norm_equals_flax_batch_norm(train, devices):
                                "var": jax.random.uniform(keys[5], (6,), minval=0.5, maxval=2)}}
   axis_name = None if devices == 1 else "batch"
   ours = batch_norm.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name)
-  theirs = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name)
+  theirs = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name, use_fast_variance=False)
 
   def both(x, cotangent):
     return [_batch_norm_values_and_grads(m, variables, x, cotangent, train) for m in (ours, theirs)]
@@ -130,6 +130,16 @@ def test_batch_norm_equals_flax_batch_norm(train, devices):
   chex.assert_trees_all_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
   if train:  # the running statistics moved
     assert not np.allclose(ours_out[1]["mean"], variables["batch_stats"]["mean"])
+
+
+def test_batch_norm_variance_keeps_float32_accuracy_for_large_means():
+  """Two passes, as PyTorch: E[x^2] - E[x]^2 would be 0.3% off here."""
+  x = np.random.default_rng(0).normal(30.0, 0.3, (16, 5, 5, 6)).astype(np.float32)
+  _, mean, var = compilation.jit(batch_norm.batch_norm_train, static_argnums=(3, 4))(
+      x, np.ones(6, np.float32), np.zeros(6, np.float32), 1e-5, None)
+  exact = x.astype(np.float64).reshape(-1, 6)
+  np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(var, exact.var(0), rtol=1e-5)
 
 
 def test_batch_norm_sums_keep_float32_accuracy():

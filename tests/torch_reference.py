@@ -158,6 +158,23 @@ class Policy32(nn.Module):
     return self.logit(self.features.features(x))
 
 
+class Policy224(nn.Module):
+  """The original ImageNet policy: ResNet-10 features (ImageNet stem) on the 2x average-pooled
+  image, a logit head and an unused value head. (The original pools the last 4x4 map with
+  ``AvgPool2d(4)``, the global average at its 112-pixel input.)"""
+
+  def __init__(self, num_blocks):
+    super().__init__()
+    self.features = FlatResNet(BasicBlock, [1, 1, 1, 1], (64, 128, 256, 512), (1, 2, 2, 2), 1000,
+                               imagenet=True)
+    self.features.fc = nn.Identity()
+    self.logit = nn.Linear(512, num_blocks)
+    self.vnet = nn.Linear(512, 1)
+
+  def forward(self, x):
+    return self.logit(self.features.features(F.avg_pool2d(x, 2)))
+
+
 def randomise_batch_norm(model, seed=0):
   """Non-trivial running statistics and affine parameters, so BN mistakes show."""
   g = torch.Generator().manual_seed(seed)

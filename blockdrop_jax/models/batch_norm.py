@@ -7,10 +7,11 @@ inputs into slow tree reductions (a quarter of the policy network's update at ba
 BatchNorm gradient, two sums), and on CPU every sum over rows is a matrix-vector product, 2-4x
 faster there; that update runs about 15% faster (docs/results.md). Other backends sum with
 ``jnp.sum``. Same variables ('scale', 'bias'; batch stats 'mean', 'var'), outputs and gradients
-as flax's ``BatchNorm(momentum, epsilon, axis_name)`` with its default fast variance
-(tests/test_models.py). The running variance follows PyTorch, whose BatchNorm the original
-networks were trained with: it averages the unbiased batch variance (n / (n - 1) times the one
-that normalises), where flax averages the biased one.
+as flax's ``BatchNorm(momentum, epsilon, axis_name, use_fast_variance=False)``
+(tests/test_models.py). PyTorch, whose BatchNorm the original networks were trained with, is
+followed twice: the batch variance is computed in two passes, and the running variance averages
+the unbiased batch variance (n / (n - 1) times the one that normalises), where flax averages the
+biased one.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def _statistics(x, eps, axis_name):
   rows = x.reshape(-1, x.shape[-1])
   n = _count(rows, axis_name)
   mean = _sum_rows(rows, axis_name) / n
-  var = jnp.maximum(_sum_rows(rows * rows, axis_name) / n - mean * mean, 0.0)
+  # Two passes, as PyTorch computes it: E[x^2] - E[x]^2 loses the variance of channels whose mean
+  # is large against their spread (ImageNet-size activations after ReLU).
+  centred = rows - mean
+  var = _sum_rows(centred * centred, axis_name) / n
   return mean, var, jax.lax.rsqrt(var + eps)
 
 
