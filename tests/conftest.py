@@ -6,8 +6,12 @@ import os
 import shutil
 import tempfile
 
+# The tests compile many small programs and run each a few times, so XLA's backend optimisations
+# cost more compile time than they save (about a third of the suite's time); what the tests check
+# holds at any level. Set for the test processes and the train.py/evaluate.py processes they start.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 # Eight fake CPU devices for the data-parallel tests; must be set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 
 import pytest  # noqa: E402
 
@@ -35,7 +39,8 @@ def cli_env(devices: int, cache: bool = True) -> dict:
   """The environment of a train.py or evaluate.py process that a test starts: ``devices`` fake
   CPU devices and, with ``cache``, the test run's compilation cache for every program it compiles
   (a finite cache size turns on JAX's file lock: no process reads an entry half written)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}")
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

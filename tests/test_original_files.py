@@ -15,7 +15,7 @@ from test_evaluate_cli import _one_line_error, evaluate_in_process, run_evaluate
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
 
-K = 54  # ResNet-110
+K = 15  # ResNet-32: the same layout as the R110 files, at a third of the cost
 
 
 def _calibrate(model, images):
@@ -49,7 +49,7 @@ def original_files(tmp_path_factory, shared_data, test_records):
   train_images, _ = data.read_cifar_records(
       os.path.join(shared_data, "cifar10", "subset", "data_batch_1_first4000.bin"))
   torch.manual_seed(0)
-  rnet = _calibrate(ref.FlatResNet(ref.BasicBlock, [18, 18, 18], (16, 32, 64), (1, 2, 2), 10),
+  rnet = _calibrate(ref.FlatResNet(ref.BasicBlock, [5, 5, 5], (16, 32, 64), (1, 2, 2), 10),
                     train_images[:250])
   agent = ref.Policy32(K)
   agent.features = _calibrate(agent.features, train_images[:250])
@@ -59,7 +59,7 @@ def original_files(tmp_path_factory, shared_data, test_records):
   torch.save({"epoch": 130, "arch": "resnet", "best_prec1": 93.2,
               "state_dict": _felixgwu_keys(rnet.state_dict()),
               "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9}]},
-              "args": argparse.Namespace(arch="resnet", depth=110, lr=0.1, data="cifar10+")},
+              "args": argparse.Namespace(arch="resnet", depth=32, lr=0.1, data="cifar10+")},
              base)
   finetuned = folder / "ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_469.t7"
   torch.save({"agent": agent.state_dict(), "resnet": rnet.state_dict(), "epoch": 2000,
@@ -117,7 +117,7 @@ def test_felixgwu_base_evaluates_as_pytorch(original_files, test_records, tmp_pa
   assert evaluate_in_process("--checkpoint", original_files["base"], "--data", test_records,
                              "--json", str(out), "--cross_check") == 0
   result = json.loads(out.read_text())
-  assert (result["arch"], result["shortcut"]) == ("cifar_resnet110", "avgpool")
+  assert (result["arch"], result["shortcut"]) == ("cifar_resnet32", "avgpool")
   np.testing.assert_array_equal(result["predictions"], original_files["full"])
   # The library's own PyTorch definition, run on the file's tensors, agrees image for image.
   assert result["cross_check"]["predictions_agree"] == 1000

@@ -152,8 +152,8 @@ def test_steps_equal_the_original_in_pytorch(train_records, layout, stage):
         finetune)
     if i == 0:  # the gradients of the first update
       extra = () if finetune else (k,)
-      ours = jax.grad(lambda p: loss_of(nets, loss_fn, p, state.batch_stats, x, labels,
-                                        sample_key, *extra)[0])(state.params)
+      ours = jax.jit(jax.grad(lambda p: loss_of(nets, loss_fn, p, state.batch_stats, x, labels,
+                                                sample_key, *extra)[0]))(state.params)
       their_first = _gradients_as_ours(their_grads, rnet, agent)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(
           a, b, rtol=1e-3, atol=GRADIENT_ATOL * np.abs(b).max() + 1e-9), ours, their_first)

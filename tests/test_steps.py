@@ -26,8 +26,8 @@ def test_curriculum_loss_has_no_gradient_into_the_resnet(setup):
   nets, params, stats, images, labels = setup
   loss = steps.PolicyLoss(penalty=-5.0)
   x = data.to_unit_float(images)
-  grads = jax.grad(lambda p: steps.curriculum_loss(nets, loss, p, stats, x, labels,
-                                                   jax.random.key(3), 3)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: steps.curriculum_loss(nets, loss, p, stats, x, labels,
+                                                           jax.random.key(3), 3)[0]))(params)
   assert all(np.all(g == 0) for g in jax.tree.leaves(grads["resnet"]))
   assert any(np.any(g != 0) for g in jax.tree.leaves(grads["policy"]))
 
@@ -38,8 +38,8 @@ def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup):
   loss = steps.PolicyLoss(penalty=-5.0)
   x = data.to_unit_float(images)
   key = jax.random.key(4)
-  grads = jax.grad(lambda p: steps.finetune_loss(nets, loss, p, stats, x, labels, key)[0])(params)
-  _, (metrics, _) = steps.finetune_loss(nets, loss, params, stats, x, labels, key)
+  (_, (metrics, _)), grads = jax.jit(jax.value_and_grad(
+      lambda p: steps.finetune_loss(nets, loss, p, stats, x, labels, key), has_aux=True))(params)
   sampled = steps._policy_pass(nets, loss, params, stats, x, key)[2]
 
   def ce(resnet_params):
@@ -48,7 +48,7 @@ def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup):
         mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  expected = jax.grad(ce)(params["resnet"])
+  expected = jax.jit(jax.grad(ce))(params["resnet"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                grads["resnet"], expected)
   assert float(metrics["blocks_sampled"]) > 0
