@@ -31,12 +31,14 @@ INPUT_MEAN = flags.DEFINE_list(
 INPUT_STD = flags.DEFINE_list("input_std", None, "R,G,B standard deviation, as --input_mean")
 DATA = flags.DEFINE_string(
     "data", None, "record file (.bin), CIFAR folder, image folder (<split>/<class>/*.JPEG), or a "
-    "name (cifar10, cifar100, tfds:cifar10)")
-SPLIT = flags.DEFINE_string("split", "test", "split for folders and TFDS (train/test)")
+    "name (cifar10, cifar100; tfds:cifar10, tfds:cifar100, tfds:imagenet2012 with --data_dir)")
+SPLIT = flags.DEFINE_string(
+    "split", "test", "split for folders and TFDS (train/test; validation for tfds:imagenet2012)")
 DATASET = flags.DEFINE_enum("dataset", None, ["cifar10", "cifar100"],
                             "record format of a single file (default cifar10)")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir")
-DOWNLOAD = flags.DEFINE_bool("download", False, "let TFDS download")
+DATA_DIR = flags.DEFINE_string("data_dir", None,
+                               "TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+DOWNLOAD = flags.DEFINE_bool("download", False, "let TFDS download and prepare the dataset")
 ARCH = flags.DEFINE_string("arch", None, "override the architecture inferred from the keys")
 SHORTCUT = flags.DEFINE_enum("shortcut", None, ["A", "avgpool", "projection"],
                              "override the shortcut kind inferred from the keys")

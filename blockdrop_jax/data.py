@@ -39,47 +39,59 @@ class Dataset:
 
 
 class LazyImages:
-  """Image files decoded on demand, behind the indexing of a uint8 (N, crop, crop, 3) array:
-  ``images[indices]`` decodes just those files (in threads), so ImageNet-sized data streams
-  through the same trainer and evaluation code as in-memory CIFAR.
+  """Images decoded on demand, behind the indexing of a uint8 (N, crop, crop, 3) array:
+  ``images[indices]`` decodes just those (in threads), so ImageNet-sized data streams through
+  the same trainer and evaluation code as in-memory CIFAR.
 
-  Each image: shorter side resized to ``resize``, then the centre ``crop`` x ``crop``."""
+  ``keys`` are what ``read`` turns into RGB pixels (image files, or records of a TFDS dataset);
+  each image: shorter side resized to ``resize``, then the centre ``crop`` x ``crop``."""
 
   dtype = np.dtype(np.uint8)
   ndim = 4
 
-  def __init__(self, paths, resize: int, crop: int, threads: int = 8):
-    self.paths, self.resize, self.crop, self.threads = list(paths), resize, crop, threads
+  def __init__(self, keys, read: Callable[[object], np.ndarray], resize: int, crop: int,
+               threads: int = 8):
+    self.keys, self.read = list(keys), read
+    self.resize, self.crop, self.threads = resize, crop, threads
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
-    return (len(self.paths), self.crop, self.crop, 3)
+    return (len(self.keys), self.crop, self.crop, 3)
 
   def __len__(self) -> int:
-    return len(self.paths)
+    return len(self.keys)
 
   def take(self, indices) -> "LazyImages":
-    return LazyImages([self.paths[i] for i in indices], self.resize, self.crop, self.threads)
+    return LazyImages([self.keys[i] for i in indices], self.read, self.resize, self.crop,
+                      self.threads)
 
-  def _decode(self, path: str) -> np.ndarray:
-    from PIL import Image
-    try:
-      with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    except OSError as e:
-      raise BlockDropError(f"cannot decode image {path} ({e}); remove or replace the file") from e
-    return preprocess_imagenet(pixels, None, self.resize, self.crop)
+  def _decode(self, key) -> np.ndarray:
+    return preprocess_imagenet(self.read(key), None, self.resize, self.crop)
 
   def __getitem__(self, index) -> np.ndarray:
     if isinstance(index, (int, np.integer)):
-      return self._decode(self.paths[index])
+      return self._decode(self.keys[index])
     indices = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).reshape(-1)
     with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-      decoded = list(pool.map(self._decode, [self.paths[i] for i in indices]))
+      decoded = list(pool.map(self._decode, [self.keys[i] for i in indices]))
     return np.stack(decoded) if decoded else np.zeros((0, *self.shape[1:]), np.uint8)
 
   def __array__(self, dtype=None, copy=None):
     return self[:].astype(dtype or np.uint8)
+
+
+def decode_image(encoded, name: str) -> np.ndarray:
+  """RGB pixels of an image file or its bytes (JPEG, PNG)."""
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as image:
+      return np.asarray(image.convert("RGB"))
+  except OSError as e:
+    raise BlockDropError(f"cannot decode image {name} ({e}); remove or replace the file") from e
+
+
+def _read_image_file(path: str) -> np.ndarray:
+  return decode_image(path, path)
 
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -104,9 +116,12 @@ def load_image_folder(root: str, split: str) -> Dataset:
     raise BlockDropError(
         f"{folder} holds no images in class subfolders; an image folder is <split>/<class>/*.JPEG "
         "(e.g. ImageNet's train/n01440764/...)")
-  crop = IMAGENET_RESIZE if split == "train" else IMAGENET_CROP
-  return Dataset(LazyImages(paths, IMAGENET_RESIZE, crop), np.asarray(labels, np.int32),
-                 len(classes), folder)
+  return Dataset(LazyImages(paths, _read_image_file, IMAGENET_RESIZE, _imagenet_size(split)),
+                 np.asarray(labels, np.int32), len(classes), folder)
+
+
+def _imagenet_size(split: str) -> int:
+  return IMAGENET_RESIZE if split == "train" else IMAGENET_CROP
 
 
 # dataset -> (label bytes per record, index of the label used, classes)
@@ -173,12 +188,12 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
   ImageNet-style image folders (``load_image_folder``), streamed from disk.
 
   ``source`` is a path (a ``.bin`` record file, a ``cifar-10-batches-bin``/``-py`` or
-  ``cifar-100-binary``/``-python`` folder, or an image folder), a name (``cifar10``, ``cifar100``: the official binary
-  archive from the offline data folder, the cache, or downloaded; see ``registry``), or
-  ``tfds:cifar10`` / ``tfds:cifar100`` (TFDS, with ``data_dir`` and ``download``). All give uint8
-  NHWC images and int32 labels; files, folders and names keep the official record order, TFDS
-  keeps the order of its prepared dataset (the same images, shuffled by TFDS). A single file is
-  one split already, so ``split`` is ignored for it.
+  ``cifar-100-binary``/``-python`` folder, or an image folder), a name (``cifar10``,
+  ``cifar100``: the official binary archive from the offline data folder, the cache, or
+  downloaded; see ``registry``), or ``tfds:cifar10`` / ``tfds:cifar100`` / ``tfds:imagenet2012``
+  (a prepared TFDS dataset in ``data_dir``, prepared there first with ``download``). All give
+  uint8 NHWC images and int32 labels in the official order (TFDS's shuffled order is undone, see
+  ``TFDS_DATASETS``). A single file is one split already, so ``split`` is ignored for it.
   """
   if os.path.isfile(source):
     dataset = dataset or "cifar10"
@@ -196,25 +211,61 @@ def load_dataset(source: str, split: str = "test", dataset: Optional[str] = None
     return load_image_folder(source, split)
   if source in _RECORDS:
     return load_dataset(registry.resolve_dataset(source), split)
-  if source.removeprefix("tfds:") in _RECORDS and source.startswith("tfds:"):
+  if source.startswith("tfds:") and source.removeprefix("tfds:") in TFDS_DATASETS:
     return _load_tfds(source.removeprefix("tfds:"), split, data_dir, download)
   raise BlockDropError(
       f"data not found: {source!r} is neither a file, a folder (CIFAR or <split>/<class>/images), "
-      "nor a dataset name (cifar10, cifar100, tfds:cifar10, tfds:cifar100)")
+      "nor a dataset name (cifar10, cifar100, tfds:cifar10, tfds:cifar100, tfds:imagenet2012)")
+
+
+# TFDS datasets -> (classes, the feature that orders the examples as the official files do).
+# TFDS stores examples shuffled by a hash of their key; CIFAR's ``id`` ("train_00042": record 42
+# of the official files) and ImageNet's ``file_name`` put them back in the order of the record
+# files and of an image folder (classes, then files, sorted; the validation images numbered).
+TFDS_DATASETS = {"cifar10": (10, "id"), "cifar100": (100, "id"), "imagenet2012": (1000, "file_name")}
 
 
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Dataset:
+  """A prepared TFDS dataset (ArrayRecord files, read with ``tfds.data_source``), in the order of
+  the official files. CIFAR loads into memory; ImageNet streams (``LazyImages``) with the image
+  folders' preprocessing."""
+  import tensorflow_datasets as tfds
+  if data_dir and not os.path.isdir(data_dir):
+    raise BlockDropError(f"TFDS data_dir {data_dir} does not exist; create it (mkdir -p {data_dir}) "
+                         f"and prepare {name} there, or pass the folder that holds {name}/")
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+  if not builder.is_prepared():
+    if not download:
+      manual = " --manual_dir FOLDER_OF_ILSVRC2012_TARS" if name == "imagenet2012" else ""
+      raise BlockDropError(
+          f"tfds:{name} is not prepared in {root}; prepare it with `tfds build {name} --data_dir "
+          f"{root} --file_format array_record{manual}` (pip install 'blockdrop-jax[tfds]'), or "
+          "allow the download (evaluate.py --download, config.data.download=True)")
+    builder.download_and_prepare(file_format="array_record")
+  if split not in builder.info.splits:
+    raise BlockDropError(f"tfds:{name} has no split {split!r}; it has "
+                         f"{', '.join(sorted(builder.info.splits))}")
+  num_classes, order_feature = TFDS_DATASETS[name]
+  streamed = name == "imagenet2012"
   try:
-    import tensorflow_datasets as tfds
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-    examples = [source[i] for i in range(len(source))]
-  except Exception as e:  # TFDS raises many types for a missing or unprepared dataset
+    source = builder.as_data_source(
+        split, decoders={"image": tfds.decode.SkipDecoding()} if streamed else None)
+  except NotImplementedError as e:
     raise BlockDropError(
-        f"TFDS could not provide {name}/{split} ({type(e).__name__}: {str(e)[:200]}); "
-        "pass a prepared data_dir, allow download, or give a local CIFAR file or folder") from e
-  images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
-  labels = np.asarray([ex["label"] for ex in examples], np.int32)
-  return Dataset(images, labels, _RECORDS[name][2], f"tfds:{name}/{split}")
+        f"tfds:{name} in {root} is prepared as {builder.info.file_format}, which TFDS cannot read "
+        f"by index; prepare it again with `tfds build {name} --data_dir {root} --file_format "
+        "array_record`") from e
+  examples = [source[i] for i in range(len(source))]
+  order = np.argsort([ex[order_feature] for ex in examples], kind="stable")
+  labels = np.asarray([examples[i]["label"] for i in order], np.int32)
+  where = f"tfds:{name}/{split}"
+  if streamed:
+    images = LazyImages(order.tolist(), lambda i: decode_image(source[i]["image"], f"{where}[{i}]"),
+                        IMAGENET_RESIZE, _imagenet_size(split))
+  else:
+    images = np.stack([np.asarray(examples[i]["image"], np.uint8) for i in order])
+  return Dataset(images, labels, num_classes, where)
 
 
 def to_unit_float(images) -> jax.Array:

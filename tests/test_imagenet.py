@@ -1,5 +1,7 @@
-"""ImageNet-style image folders stream from disk through the same trainer and evaluation."""
+"""ImageNet-style image folders and TFDS's imagenet2012 stream from disk through the same trainer
+and evaluation."""
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +11,7 @@ from blockdrop_jax import checkpoint, configs, data, trainer
 from blockdrop_jax.errors import BlockDropError
 from conftest import REPO, load_benchmark
 
-CLASSES = ("n01", "n02", "n03")
+CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet's first three synsets
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,8 @@ def image_folder(tmp_path_factory):
       for i in range(per_class):
         h, w = rng.integers(230, 330, 2)
         pixels = (rng.random((h, w, 3)) * 80 + 60 * label).astype(np.uint8)
-        Image.fromarray(pixels).save(root / split / name / f"img{i}.JPEG", quality=95)
-  (root / "train" / "n01" / "notes.txt").write_text("not an image")
+        Image.fromarray(pixels).save(root / split / name / f"{name}_{i}.JPEG", quality=95)
+  (root / "train" / CLASSES[0] / "notes.txt").write_text("not an image")
   return root
 
 
@@ -54,29 +56,64 @@ def test_empty_or_broken_folders_are_clear_errors(tmp_path, image_folder):
     data.load_dataset(str(tmp_path / "broken"), "train").images[:1]
 
 
-def test_r101_config_trains_on_an_image_folder(image_folder, tmp_path, capsys):
-  """The R101_ImgNet config's pipeline (random 224 crops of 256 images, policy at 112 px), with a
-  random ResNet-10 base so it runs in seconds: both BlockDrop stages and the report."""
+@pytest.fixture(scope="module")
+def imagenet_tfds(image_folder, tmp_path_factory):
+  """The image folder's files as TFDS's imagenet2012, prepared offline by its own builder."""
+  import tfds_offline
+  folder = tmp_path_factory.mktemp("tfds")
+  return tfds_offline.prepare_imagenet2012(str(image_folder), str(folder / "manual"),
+                                           str(folder / "data"))
+
+
+def test_tfds_imagenet2012_gives_the_image_folders_arrays(image_folder, imagenet_tfds):
+  """The same JPEGs through TFDS and through the folder: the same preprocessed images, in the
+  folder's order (TFDS's shuffle undone by file name); validation labels from TFDS's own list."""
+  train = data.load_dataset("tfds:imagenet2012", "train", data_dir=imagenet_tfds)
+  folder_train = data.load_dataset(str(image_folder), "train")
+  assert isinstance(train.images, data.LazyImages) and train.num_classes == 1000
+  np.testing.assert_array_equal(train.labels, folder_train.labels)  # synsets 0, 1, 2
+  np.testing.assert_array_equal(train.images[:], folder_train.images[:])
+  validation = data.load_dataset("tfds:imagenet2012", "validation", data_dir=imagenet_tfds)
+  assert validation.labels.tolist() == [65, 970, 230, 809, 516, 57]  # ILSVRC2012_val_00000001..6
+  np.testing.assert_array_equal(validation.images[:],
+                                data.load_dataset(str(image_folder), "val").images[:])
+  with pytest.raises(BlockDropError, match="has no split 'test'; it has train, validation"):
+    data.load_dataset("tfds:imagenet2012", "test", data_dir=imagenet_tfds)
+
+
+def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tmp_path, capsys):
+  """The R101_ImgNet config's pipeline (random 224 crops of 256 images, policy at 112 px) on
+  ``tfds:imagenet2012``, with a random ResNet-10 base so it runs in seconds: both BlockDrop
+  stages, the report, and evaluate.py on the run."""
   import jax
   from blockdrop_jax import convert
   from blockdrop_jax.models import resnet
-  spec = resnet.make_spec("imagenet_resnet10", num_classes=3)
+  from test_evaluate_cli import evaluate_in_process
+  spec = resnet.make_spec("imagenet_resnet10", num_classes=1000)
   base = str(tmp_path / "resnet10.safetensors")
   convert.save_safetensors(base, resnet.init(spec, jax.random.key(0)), spec, layout="torchvision")
   config = configs.load(os.path.join(REPO, "configs", "r101_imgnet.py") + ":smoke", [
-      f"--config.data.train={image_folder}", f"--config.data.test={image_folder}",
-      f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=3",
+      "--config.data.train=tfds:imagenet2012", "--config.data.test=tfds:imagenet2012",
+      "--config.data.test_split=validation", f"--config.data.data_dir={imagenet_tfds}",
+      f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=1000",
       "--config.policy_init=",  # test_imagenet_policy_starts_from_resnet18_layers has that
       "--config.curriculum.batch_size=8", "--config.finetune.batch_size=8",
       "--config.data.test_limit=0"])
-  metrics = trainer.train(config, str(tmp_path / "run"), progress=False)
+  run = str(tmp_path / "run")
+  metrics = trainer.train(config, run, progress=False)
   assert metrics["stage"] == "finetune" and 0.0 <= metrics["test_accuracy"] <= 1.0
   assert 0 <= metrics["test_blocks_mean"] <= 4  # ResNet-10: K = 4
-  nets = checkpoint.load_run(str(tmp_path / "run"))[0]
+  nets = checkpoint.load_run(run)[0]
   assert nets.resnet.image_size == 224 and nets.policy.input_pool == 2
+  out = tmp_path / "evaluated.json"
+  assert evaluate_in_process("--checkpoint", run, "--data", "tfds:imagenet2012", "--split",
+                             "validation", "--data_dir", imagenet_tfds, "--json", str(out)) == 0
+  evaluated = json.loads(out.read_text())
+  assert len(evaluated["predictions"]) == 6
+  assert evaluated["accuracy"] == pytest.approx(metrics["test_accuracy"])
   # The speed benchmark times CIFAR runs on 32 px images: a 224 px run is one clear error.
   with pytest.raises(SystemExit) as exit_info:
-    load_benchmark("speed").main(["--checkpoint", str(tmp_path / "run")])
+    load_benchmark("speed").main(["--checkpoint", run])
   assert exit_info.value.code == 2
   assert "is a run on 224 px images" in capsys.readouterr().err
 
