@@ -4,7 +4,9 @@
 the original's ``FlatResNet`` module names (``conv1``, ``bn1``, ``blocks.{stage}.{b}``, ``ds``,
 ``fc``), each block gated by the policy (``x = fx * mask + residual * (1 - mask)``, a block no
 image keeps not run), input normalisation and pooling as the spec says. ``logits`` runs a
-PyTorch file's own tensors through it (``evaluate.py --cross_check``).
+PyTorch file's own tensors through it (``evaluate.py --cross_check``). ``original_update`` is one
+update of the original's ``cl_training.py`` or ``finetune.py``, the reference that training is
+tested against (tests/test_step_parity.py) and timed against (benchmarks/train_speed.py).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def network(spec: ResNetSpec, state_dict: dict, layout: str) -> FlatResNet:
                                              convert._modules(spec, "blockdrop")):
     for key, value in state_dict.items():
       if key.startswith(theirs + "."):
-        renamed[mine + key[len(theirs):]] = torch.from_numpy(np.asarray(value, np.float32))
+        renamed[mine + key[len(theirs):]] = torch.from_numpy(np.array(value, np.float32))
   missing, _ = model.load_state_dict(renamed, strict=False)
   missing = [k for k in missing if not k.endswith("num_batches_tracked")]
   if missing:
@@ -126,3 +128,49 @@ def logits(model: FlatResNet, images: np.ndarray, policy: Optional[np.ndarray] =
           np.asarray(policy[start:start + batch_size], np.float32))
       out.append(model(x, p).numpy())
   return np.concatenate(out)
+
+
+def original_update(agent, rnet, optimizer, x, labels, uniforms, k: int, finetune: bool,
+                    alpha: float = 0.8, beta: float = 0.1, penalty: float = -1.0) -> float:
+  """One update as the original scripts make it (their code written out for PyTorch 2): the
+  policy network in training mode; the ResNet frozen in inference mode for the curriculum, in
+  training mode for finetuning, its greedy pass first, without gradient; the Bernoulli samples
+  drawn as ``uniforms < p'``. The gradients stay in the parameters' ``.grad``; returns the loss."""
+  agent.train()
+  rnet.train(finetune)
+  probs = torch.sigmoid(agent(x))
+  policy_map = (probs.detach() >= 0.5).float()
+  probs = probs * alpha + (1 - probs) * (1 - alpha)
+  distr = torch.distributions.Bernoulli(probs)
+  policy = (uniforms < probs.detach()).float()  # distr.sample() with the given uniform draws
+  num_blocks = policy.shape[1]
+  mask = None
+  if k < num_blocks:
+    policy[:, :-k] = 1
+    policy_map[:, :-k] = 1
+    mask = torch.ones_like(policy)
+    mask[:, :-k] = 0
+
+  def reward(preds, policy):
+    sparse = 1.0 - (policy.sum(1) / num_blocks) ** 2
+    return torch.where(preds.argmax(1) == labels, sparse, torch.full_like(sparse, penalty))[:, None]
+
+  with torch.no_grad():
+    preds_map = rnet(x, policy_map)
+  if finetune:
+    preds_sample = rnet(x, policy)
+    advantage = reward(preds_sample.detach(), policy) - reward(preds_map, policy_map)
+    loss = (-distr.log_prob(policy).sum(1, keepdim=True) * advantage).sum()
+    loss = loss + F.cross_entropy(preds_sample, labels)
+  else:
+    with torch.no_grad():
+      preds_sample = rnet(x, policy)
+    advantage = reward(preds_sample, policy) - reward(preds_map, policy_map)
+    loss = -distr.log_prob(policy) * advantage.expand_as(policy)
+    loss = (mask * loss if mask is not None else loss).sum()
+    probs = probs.clamp(1e-15, 1 - 1e-15)
+    loss = (loss - beta * (-probs * torch.log(probs)).sum()) / x.shape[0]
+  optimizer.zero_grad()
+  loss.backward()
+  optimizer.step()
+  return loss.item()

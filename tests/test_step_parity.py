@@ -15,6 +15,8 @@ from configs import default
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
 
+from blockdrop_jax import torch_nets  # noqa: E402
+
 ALPHA, BETA = 0.8, 0.1
 GRADIENT_ATOL = 2e-3  # of the largest gradient in the tensor
 
@@ -33,52 +35,15 @@ def _networks(layout):
 
 
 def _original_step(agent, rnet, optimizer, x, labels, uniforms, k, penalty, finetune):
-  """One update as the original scripts make it (their code written out for PyTorch 2: the policy
-  network in training mode; the ResNet frozen in inference mode for the curriculum, in training
-  mode for finetuning, its greedy pass first, without gradient). Returns the loss and the
-  gradients ({"policy/NAME" or "resnet/NAME": array}) of the update."""
-  agent.train()
-  rnet.train(finetune)
-  probs = torch.sigmoid(agent(x))
-  policy_map = (probs.detach() >= 0.5).float()
-  probs = probs * ALPHA + (1 - probs) * (1 - ALPHA)
-  distr = torch.distributions.Bernoulli(probs)
-  policy = (uniforms < probs.detach()).float()  # distr.sample() with the given uniform draws
-  num_blocks = policy.shape[1]
-  mask = None
-  if k < num_blocks:
-    policy[:, :-k] = 1
-    policy_map[:, :-k] = 1
-    mask = torch.ones_like(policy)
-    mask[:, :-k] = 0
-
-  def reward(preds, policy):
-    sparse = 1.0 - (policy.sum(1) / num_blocks) ** 2
-    return torch.where(preds.argmax(1) == labels, sparse, torch.full_like(sparse, penalty))[:, None]
-
-  with torch.no_grad():
-    preds_map = rnet(x, policy_map)
-  if finetune:
-    preds_sample = rnet(x, policy)
-    advantage = reward(preds_sample.detach(), policy) - reward(preds_map, policy_map)
-    loss = (-distr.log_prob(policy).sum(1, keepdim=True) * advantage).sum()
-    loss = loss + torch.nn.functional.cross_entropy(preds_sample, labels)
-  else:
-    with torch.no_grad():
-      preds_sample = rnet(x, policy)
-    advantage = reward(preds_sample, policy) - reward(preds_map, policy_map)
-    loss = -distr.log_prob(policy) * advantage.expand_as(policy)
-    loss = (mask * loss if mask is not None else loss).sum()
-    probs = probs.clamp(1e-15, 1 - 1e-15)
-    loss = (loss - BETA * (-probs * torch.log(probs)).sum()) / x.shape[0]
-  optimizer.zero_grad()
-  loss.backward()
+  """``torch_nets.original_update``; returns the loss and the gradients of the update
+  ({"policy/NAME" or "resnet/NAME": array})."""
+  loss = torch_nets.original_update(agent, rnet, optimizer, x, labels, uniforms, k, finetune,
+                                    ALPHA, BETA, penalty)
   grads = {name: (p.grad.detach().numpy().copy() if p.grad is not None else np.zeros(p.shape,
                                                                                    np.float32))
            for model, prefix in ((agent, "policy"), (rnet, "resnet"))
            for name, p in [(f"{prefix}/{n}", p) for n, p in model.named_parameters()]}
-  optimizer.step()
-  return loss.item(), grads
+  return loss, grads
 
 
 def _as_ours(rnet, agent):
