@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from blockdrop_jax import registry
 from blockdrop_jax.errors import BlockDropError
@@ -230,7 +231,7 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
   the official files. CIFAR loads into memory; ImageNet streams (``LazyImages``) with the image
   folders' preprocessing."""
   import tensorflow_datasets as tfds
-  if data_dir and not os.path.isdir(data_dir):
+  if data_dir and not epath.Path(data_dir).is_dir():  # local, or a bucket (gs://...)
     raise BlockDropError(f"TFDS data_dir {data_dir} does not exist; create it (mkdir -p {data_dir}) "
                          f"and prepare {name} there, or pass the folder that holds {name}/")
   builder = tfds.builder(name, data_dir=data_dir or None)
@@ -256,15 +257,17 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
         f"tfds:{name} in {root} is prepared as {builder.info.file_format}, which TFDS cannot read "
         f"by index; prepare it again with `tfds build {name} --data_dir {root} --file_format "
         "array_record`") from e
-  examples = [source[i] for i in range(len(source))]
-  order = np.argsort([ex[order_feature] for ex in examples], kind="stable")
-  labels = np.asarray([examples[i]["label"] for i in order], np.int32)
+  # One pass over the records; a streamed dataset keeps none of its images.
+  fields = [(record[order_feature], record["label"], None if streamed else record["image"])
+            for record in (source[i] for i in range(len(source)))]
+  order = np.argsort([key for key, _, _ in fields], kind="stable")
+  labels = np.asarray([fields[i][1] for i in order], np.int32)
   where = f"tfds:{name}/{split}"
   if streamed:
     images = LazyImages(order.tolist(), lambda i: decode_image(source[i]["image"], f"{where}[{i}]"),
                         IMAGENET_RESIZE, _imagenet_size(split))
   else:
-    images = np.stack([np.asarray(examples[i]["image"], np.uint8) for i in order])
+    images = np.stack([np.asarray(fields[i][2], np.uint8) for i in order])
   return Dataset(images, labels, num_classes, where)
 
 
