@@ -72,7 +72,7 @@ def _floats(flag) -> list[float] | None:
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import checkpoint, convert, data, evaluation, steps
+  from blockdrop_jax import checkpoint, convert, data, evaluation, steps, storage
   normalisation = dict(input_mean=_floats(INPUT_MEAN), input_std=_floats(INPUT_STD))
   if CROSS_CHECK.value and (not os.path.isfile(CHECKPOINT.value)
                             or CHECKPOINT.value.endswith(".safetensors")):
@@ -81,7 +81,8 @@ def main(argv) -> int:
                               DOWNLOAD.value)
   blockdrop_file = (os.path.isfile(CHECKPOINT.value) and not CHECKPOINT.value.endswith(
       ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
-  if os.path.isdir(CHECKPOINT.value) or blockdrop_file:
+  # A folder or a bucket (gs://...) is a training workdir; load_run says if it is not one.
+  if os.path.isdir(CHECKPOINT.value) or storage.is_remote(CHECKPOINT.value) or blockdrop_file:
     if blockdrop_file:
       nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
                                                               **normalisation)

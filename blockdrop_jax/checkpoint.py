@@ -8,7 +8,6 @@ complete, so a killed run never leaves a half checkpoint that looks finished.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
@@ -16,7 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from blockdrop_jax import steps
+from blockdrop_jax import steps, storage
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 
@@ -25,17 +24,17 @@ class RunCheckpoints:
   """The last ``keep`` checkpoints of a run, and separately the best one."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = storage.path(workdir)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=False,
         preservation_policy=policies.LatestN(n=keep))
-    self.last = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options,
+    self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
                                       item_names=("state", "meta"))
     best_options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=False,
         preservation_policy=policies.BestN(get_metric_fn=lambda metrics: metrics["score"], n=1))
-    self.best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options,
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
                                       item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict, score: Optional[float] = None) -> None:
@@ -58,7 +57,7 @@ class RunCheckpoints:
     try:
       return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
-      raise corrupted(os.path.join(str(manager.directory), str(step)), e) from e
+      raise corrupted(f"{manager.directory}/{step}", e) from e
 
   def restore(self, step: int, abstract_state: Any,
               manager: Optional[ocp.CheckpointManager] = None) -> tuple[Any, dict]:
@@ -68,7 +67,7 @@ class RunCheckpoints:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:
-      raise corrupted(os.path.join(str(manager.directory), str(step)), e) from e
+      raise corrupted(f"{manager.directory}/{step}", e) from e
     return restored["state"], restored["meta"]
 
   def close(self) -> None:
@@ -99,7 +98,7 @@ def abstract(tree: Any) -> Any:
 
 def load_run(workdir: str, best: bool = False) -> tuple[steps.Nets, dict, dict, dict]:
   """(nets, params, batch_stats, meta) of a run's latest (or best) checkpoint."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not (storage.path(workdir) / "checkpoints").is_dir():
     raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
   ckpts = RunCheckpoints(workdir)
   try:

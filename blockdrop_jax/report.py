@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blockdrop_jax import checkpoint, evaluation, flops  # noqa: E402
+from blockdrop_jax import checkpoint, evaluation, flops, storage  # noqa: E402
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -26,9 +26,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-  path = os.path.join(out_dir, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with (storage.path(out_dir) / name).open("wb") as f:
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
   return name
 
@@ -117,11 +117,10 @@ def confidence_figure(blocks: np.ndarray, confidence: np.ndarray, correct: np.nd
 
 def training_curves(workdir: str, out_dir: str) -> Optional[str]:
   """(f) train reward and test accuracy/blocks per epoch from the run's metrics.jsonl."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return None
-  with open(path) as f:
-    records = [json.loads(line) for line in f]
+  records = [json.loads(line) for line in path.read_text().splitlines()]
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
   x = np.arange(1, len(records) + 1)
   for ax, key, title in ((axes[0], "train_reward", "train reward (sampled)"),
@@ -135,19 +134,19 @@ def training_curves(workdir: str, out_dir: str) -> Optional[str]:
       ax.axvline(stage_start - 0.5, color="gray", ls=":")
     ax.set(xlabel="epoch (all stages)", title=title)
     ax.grid(alpha=0.3)
-  fig.suptitle(f"Training curves of {os.path.basename(os.path.abspath(workdir))}", fontsize=10)
+  fig.suptitle(f"Training curves of {storage.path(workdir).name}", fontsize=10)
   return _save(fig, out_dir, "training_curves.png")
 
 
 def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size: int = 250,
                  class_names: Sequence[str] = CIFAR10_CLASSES, progress: bool = False) -> str:
   """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path."""
-  os.makedirs(out_dir, exist_ok=True)
+  storage.path(out_dir).mkdir(parents=True, exist_ok=True)
   reports, main = {}, None
   for run in runs:
     nets, params, stats, meta = checkpoint.load_run(run)
     report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress)
-    reports[os.path.basename(os.path.abspath(run))] = report
+    reports[storage.path(run).name] = report
     if main is None:
       main = (run, nets, params, stats, report)
   run, nets, params, stats, report = main
@@ -180,14 +179,13 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
     figures["Training curves"] = curves_png
   lines = [f"# BlockDrop report: {', '.join(reports)}", "",
            f"Data: {dataset.source} ({n} images). FirstK/RandomK and the full network use the "
-           f"weights of `{os.path.basename(os.path.abspath(run))}` with fixed policies.", "",
+           f"weights of `{storage.path(run).name}` with fixed policies.", "",
            "| run | accuracy | blocks | FLOPs/img | unique policies |", "|---|---|---|---|---|"]
   for name, r in reports.items():
     lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['blocks_mean']:.2f} \u00b1 "
                  f"{r['blocks_std']:.2f} | {r['flops_mean']:.3E} | {r['unique_policies']} |")
   for title, png in figures.items():
     lines += ["", f"## {title}", "", f"![{title}]({png})"]
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+  path = storage.path(out_dir) / "report.md"
+  path.write_text("\n".join(lines) + "\n")
+  return os.fspath(path)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from blockdrop_jax import checkpoint, convert, curriculum, evaluation, parallel, registry, steps
+from blockdrop_jax import (checkpoint, convert, curriculum, evaluation, parallel, registry, steps,
+                           storage)
 from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
@@ -181,18 +182,19 @@ class MetricsLog:
   restored step, so each epoch is logged once."""
 
   def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+    self.path = storage.path(workdir) / "metrics.jsonl"
+    self.lines = []
+    if self.path.exists():
+      self.lines = [line + "\n" for line in self.path.read_text().splitlines()
+                    if json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(self.lines))
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.writer = SummaryWriter(os.fspath(storage.path(workdir) / "tensorboard"))
 
   def write(self, record: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    # The whole file each time: a bucket object cannot be appended to.
+    self.lines.append(json.dumps(record) + "\n")
+    self.path.write_text("".join(self.lines))
     for key, value in record.items():
       if isinstance(value, (int, float)) and key not in ("step", "epoch"):
         self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
@@ -289,7 +291,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
   mesh = parallel.data_mesh()
   chief = jax.process_index() == 0
   progress = progress and chief
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   train_ds, test_ds = load_data(config)
   validate(config, len(train_ds), jax.device_count())
   base_key = jax.random.key(config.seed)
