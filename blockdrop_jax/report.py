@@ -186,6 +186,5 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
                  f"{r['blocks_std']:.2f} | {r['flops_mean']:.3E} | {r['unique_policies']} |")
   for title, png in figures.items():
     lines += ["", f"## {title}", "", f"![{title}]({png})"]
-  path = storage.path(out_dir) / "report.md"
-  path.write_text("\n".join(lines) + "\n")
-  return os.fspath(path)
+  (storage.path(out_dir) / "report.md").write_text("\n".join(lines) + "\n")
+  return os.path.join(out_dir, "report.md")
