@@ -192,9 +192,12 @@ class MetricsLog:
     self.writer = SummaryWriter(os.fspath(storage.path(workdir) / "tensorboard"))
 
   def write(self, record: dict) -> None:
-    # The whole file each time: a bucket object cannot be appended to.
     self.lines.append(json.dumps(record) + "\n")
-    self.path.write_text("".join(self.lines))
+    if storage.is_remote(self.path):  # a bucket object cannot be appended to: write it whole
+      self.path.write_text("".join(self.lines))
+    else:
+      with self.path.open("a") as f:
+        f.write(self.lines[-1])
     for key, value in record.items():
       if isinstance(value, (int, float)) and key not in ("step", "epoch"):
         self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
