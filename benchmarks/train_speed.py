@@ -55,8 +55,7 @@ def jax_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
     tx = optimizers[stage]
     state = steps.create_state(params, stats, tx)
     step = compilation.jit(update, static_argnums=0)
-    fns[stage] = lambda step=step, tx=tx, state=state: jax.block_until_ready(
-        step(tx, state, images, labels)[1])
+    fns[stage] = lambda step=step, tx=tx, state=state: step(tx, state, images, labels)[1]
   return fns
 
 

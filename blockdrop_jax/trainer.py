@@ -182,14 +182,15 @@ class MetricsLog:
   restored step, so each epoch is logged once."""
 
   def __init__(self, workdir: str, resume_step: int):
-    self.path = storage.path(workdir) / "metrics.jsonl"
+    run = storage.path(workdir)
+    self.path = run / "metrics.jsonl"
     self.lines = []
     if self.path.exists():
       self.lines = [line + "\n" for line in self.path.read_text().splitlines()
                     if json.loads(line)["step"] <= resume_step]
       self.path.write_text("".join(self.lines))
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(os.fspath(storage.path(workdir) / "tensorboard"))
+    self.writer = SummaryWriter(os.fspath(run / "tensorboard"))
 
   def write(self, record: dict) -> None:
     self.lines.append(json.dumps(record) + "\n")

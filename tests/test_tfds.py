@@ -2,7 +2,6 @@
 lossless subset, read by train.py and evaluate.py with ``--data tfds:cifar10``."""
 
 import json
-import os
 
 import numpy as np
 import pytest
