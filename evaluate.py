@@ -44,7 +44,8 @@ SHORTCUT = flags.DEFINE_enum("shortcut", None, ["A", "avgpool", "projection"],
                              "override the shortcut kind inferred from the keys")
 BEST = flags.DEFINE_bool("best", False, "workdir: the best checkpoint, not the last")
 BASELINES = flags.DEFINE_bool(
-    "baselines", False, "workdir: also the full network, FirstK and RandomK at the same mean blocks")
+    "baselines", False, "workdir: also the pretrained ResNet the run started from (every "
+    "block), the full network, FirstK and RandomK at the same mean blocks")
 MODE = flags.DEFINE_enum(
     "mode", EVAL_MODES[0], EVAL_MODES,
     "workdir: how blocks run (same outputs): compact and grouped run only the blocks each image "
@@ -83,6 +84,7 @@ def main(argv) -> int:
       ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
   # A folder or a bucket (gs://...) is a training workdir; load_run says if it is not one.
   if os.path.isdir(CHECKPOINT.value) or storage.is_remote(CHECKPOINT.value) or blockdrop_file:
+    pretrained = None
     if blockdrop_file:
       nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
                                                               **normalisation)
@@ -90,6 +92,9 @@ def main(argv) -> int:
     else:
       nets, params, stats, meta = checkpoint.load_run(CHECKPOINT.value, best=BEST.value)
       origin = f"{meta['stage']} epoch {meta['epoch']}"
+      if BASELINES.value:
+        from blockdrop_jax import configs, trainer
+        pretrained = trainer.starting_resnet(configs.from_json(meta["config"]))
     result = evaluation.blockdrop_report(nets, params, stats, dataset, BATCH_SIZE.value,
                                          mode=MODE.value)
     print(f"BlockDrop {nets.resnet.name} ({origin}) on {dataset.source}")
@@ -98,17 +103,16 @@ def main(argv) -> int:
           "included; benchmarks/speed.py measures steady state)")
     if BASELINES.value:
       result["baselines"] = evaluation.baselines(nets, params, stats, dataset,
-                                                 result["blocks_mean"], BATCH_SIZE.value)
-      for name, report in result["baselines"].items():
-        print(f"{name}: Accuracy: {report['accuracy']:.3f}  Blocks: {report['blocks_mean']:.2f}  "
-              f"FLOPs/img: {report['flops_mean']:.2E}")
+                                                 result["blocks_mean"], BATCH_SIZE.value,
+                                                 pretrained=pretrained)
+      print(evaluation.format_baselines(result["baselines"]))
     spec = nets.resnet
     if REPORT.value:
       if blockdrop_file:
         raise BlockDropError("--report reads training workdirs; for the original's checkpoint "
                              "use --json, or continue it with train.py --config.init_from=FILE")
       from blockdrop_jax import report
-      path = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
+      path, _ = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
                                  BATCH_SIZE.value)
       print(f"Report: {path}")
   else:

@@ -8,6 +8,7 @@ tuple of names may be given comma-separated (``--config.stages=pretrain,curricul
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Optional, Sequence
@@ -61,6 +62,15 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   holder = define_config_flag(flag_values, argv)
   parse_flags(flag_values, argv)
   return finalize(holder.value)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config saved by a run (``ConfigDict.to_json``) on top of today's defaults, so that keys
+  added since then read as their defaults: the original's behaviour."""
+  from configs import default
+  config = default.get_config()
+  config.update(json.loads(text))
+  return config
 
 
 def check_keys(config, schema, prefix: str = "config") -> None:

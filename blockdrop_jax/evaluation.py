@@ -183,11 +183,28 @@ def fixed_k_reports(nets: steps.Nets, params, stats, dataset: Dataset, k: int,
 
 
 def baselines(nets: steps.Nets, params, stats, dataset: Dataset, mean_blocks: float,
-              batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict:
-  """Full network, FirstK and RandomK at k = round(mean blocks of a BlockDrop policy)."""
+              batch_size: int = 250, seed: int = 0, progress: bool = True,
+              pretrained: Optional[tuple[resnet.ResNetSpec, dict]] = None) -> dict:
+  """BlockDrop's references: ``pretrained`` (the ResNet as the run started, every block: its
+  (spec, variables), if given), the full network and FirstK/RandomK at k = round(mean blocks of a
+  BlockDrop policy), these three with the run's own ResNet weights."""
   K, n = nets.resnet.num_blocks, len(dataset)
-  full = fixed_policy_report(nets, params, stats, dataset, np.ones((n, K), np.float32),
-                             batch_size, progress)
-  return {"full": {key: value for key, value in full.items() if key != "policies"},
-          **fixed_k_reports(nets, params, stats, dataset, int(round(mean_blocks)), batch_size,
-                            seed, progress)}
+  every_block = np.ones((n, K), np.float32)
+  references = {}
+  if pretrained is not None:
+    spec, variables = pretrained
+    references["pretrained"] = fixed_policy_report(
+        steps.Nets(spec), {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]},
+        dataset, every_block, batch_size, progress)
+  references["full"] = fixed_policy_report(nets, params, stats, dataset, every_block, batch_size,
+                                           progress)
+  references = {name: {key: value for key, value in report.items() if key != "policies"}
+                for name, report in references.items()}
+  return {**references, **fixed_k_reports(nets, params, stats, dataset, int(round(mean_blocks)),
+                                          batch_size, seed, progress)}
+
+
+def format_baselines(references: dict) -> str:
+  """One line per reference of ``baselines``."""
+  return "\n".join(f"{name}: Accuracy: {r['accuracy']:.3f}  Blocks: {r['blocks_mean']:.2f}  "
+                   f"FLOPs/img: {r['flops_mean']:.2E}" for name, r in references.items())

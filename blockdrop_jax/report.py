@@ -3,7 +3,8 @@
 ``write_report`` evaluates one or more BlockDrop runs on a dataset and writes PNG figures plus
 ``report.md`` linking them: the accuracy/FLOPs trade-off beside the full network, FirstK and
 RandomK; blocks used per image (overall and per class); each block's keep rate; images grouped by
-their most frequent policies; blocks used against confidence and correctness; training curves.
+their most frequent policies; blocks used against confidence and correctness; training curves;
+each block's keep probability and the accuracy over the policy's training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blockdrop_jax import checkpoint, evaluation, flops, storage  # noqa: E402
+from blockdrop_jax import checkpoint, configs, evaluation, flops, storage, trainer  # noqa: E402
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -117,10 +118,9 @@ def confidence_figure(blocks: np.ndarray, confidence: np.ndarray, correct: np.nd
 
 def training_curves(workdir: str, out_dir: str) -> Optional[str]:
   """(f) train reward and test accuracy/blocks per epoch from the run's metrics.jsonl."""
-  path = storage.path(workdir) / "metrics.jsonl"
-  if not path.exists():
+  records = _records(workdir)
+  if not records:
     return None
-  records = [json.loads(line) for line in path.read_text().splitlines()]
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
   x = np.arange(1, len(records) + 1)
   for ax, key, title in ((axes[0], "train_reward", "train reward (sampled)"),
@@ -138,9 +138,52 @@ def training_curves(workdir: str, out_dir: str) -> Optional[str]:
   return _save(fig, out_dir, "training_curves.png")
 
 
+def _records(workdir: str) -> list[dict]:
+  path = storage.path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def policy_training_figure(records: Sequence[dict], out_dir: str) -> Optional[str]:
+  """(g) the diagnosis of a run: each block's mean sampling probability p' per epoch, and the
+  greedy and sampled training accuracy beside the number of blocks the policy controls (k), so
+  that what happens at each hand-over of the curriculum shows."""
+  records = [r for r in records if "train_keep_probability_0" in r]
+  if not records:
+    return None
+  K = sum(key.startswith("train_keep_probability_") for key in records[0])
+  keep = np.array([[r[f"train_keep_probability_{t}"] for r in records] for t in range(K)])
+  x = np.arange(1, len(records) + 1)
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+  image = ax1.imshow(keep, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower",
+                     extent=(0.5, len(records) + 0.5, -0.5, K - 0.5))
+  ax1.step(x, [K - 0.5 - r["k"] for r in records], "w--", where="mid", lw=1,
+           label="first controlled block")
+  fig.colorbar(image, ax=ax1, label="p' (sampling probability)")
+  ax1.set(xlabel="epoch (all policy stages)", ylabel="block", title="Keep probability per block")
+  ax1.legend(fontsize=7, loc="lower left")
+  for key, label in (("train_accuracy_greedy", "greedy (train)"),
+                     ("train_accuracy_sampled", "sampled (train)"),
+                     ("test_accuracy", "greedy (test)")):
+    points = [(i, r[key]) for i, r in zip(x, records) if key in r]
+    if points:
+      ax2.plot(*zip(*points), "-o", ms=3, label=label)
+  ax2.set(xlabel="epoch (all policy stages)", ylabel="accuracy", ylim=(0, 1),
+          title="Accuracy as blocks are handed over")
+  ax2.grid(alpha=0.3)
+  ax2.legend(fontsize=7, loc="lower left")
+  blocks = ax2.twinx()
+  blocks.step(x, [r["k"] for r in records], "k:", where="mid", label="k")
+  blocks.plot(x, [r["train_blocks_greedy"] for r in records], "k-", lw=0.8, label="blocks (greedy)")
+  blocks.set(ylabel="blocks", ylim=(0, K + 0.5))
+  blocks.legend(fontsize=7, loc="lower right")
+  return _save(fig, out_dir, "policy_training.png")
+
+
 def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size: int = 250,
-                 class_names: Sequence[str] = CIFAR10_CLASSES, progress: bool = False) -> str:
-  """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path."""
+                 class_names: Sequence[str] = CIFAR10_CLASSES,
+                 progress: bool = False) -> tuple[str, dict]:
+  """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path
+  and the first run's references (``evaluation.baselines``)."""
   storage.path(out_dir).mkdir(parents=True, exist_ok=True)
   reports, main = {}, None
   for run in runs:
@@ -174,17 +217,23 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
       "Blocks used against confidence": confidence_figure(
           blocks, np.asarray(report["confidence"]), correct, out_dir),
   }
-  curves_png = training_curves(run, out_dir)
-  if curves_png:
-    figures["Training curves"] = curves_png
+  for title, png in (("Training curves", training_curves(run, out_dir)),
+                     ("Policy training", policy_training_figure(_records(run), out_dir))):
+    if png:
+      figures[title] = png
+  references = evaluation.baselines(
+      nets, params, stats, dataset, report["blocks_mean"], batch_size, progress=progress,
+      pretrained=trainer.starting_resnet(configs.from_json(meta["config"])))
   lines = [f"# BlockDrop report: {', '.join(reports)}", "",
-           f"Data: {dataset.source} ({n} images). FirstK/RandomK and the full network use the "
-           f"weights of `{storage.path(run).name}` with fixed policies.", "",
+           f"Data: {dataset.source} ({n} images). `pretrained` is the ResNet "
+           f"`{storage.path(run).name}` started from; FirstK/RandomK and the full network use its "
+           "own final weights with fixed policies. FLOPs/img of BlockDrop include the policy "
+           "network.", "",
            "| run | accuracy | blocks | FLOPs/img | unique policies |", "|---|---|---|---|---|"]
-  for name, r in reports.items():
+  for name, r in {**reports, **references}.items():
     lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['blocks_mean']:.2f} \u00b1 "
                  f"{r['blocks_std']:.2f} | {r['flops_mean']:.3E} | {r['unique_policies']} |")
   for title, png in figures.items():
     lines += ["", f"## {title}", "", f"![{title}]({png})"]
   (storage.path(out_dir) / "report.md").write_text("\n".join(lines) + "\n")
-  return os.path.join(out_dir, "report.md")
+  return os.path.join(out_dir, "report.md"), references

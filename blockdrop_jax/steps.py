@@ -69,6 +69,8 @@ class PolicyLoss:
   beta: float = 0.1  # entropy weight (curriculum only)
   penalty: float = -1.0
   full_entropy: bool = False  # original: only the -p' log p' half of the Bernoulli entropy
+  # original: the entropy bonus is summed over all K blocks, also those the curriculum forces on
+  entropy_controlled_only: bool = False
   greedy_from_bounded: bool = False  # original: greedy baseline from the unbounded p
   finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
 
@@ -213,7 +215,8 @@ def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits
   pg = -jnp.sum(log_lik * advantage[:, None])
   total = pg
   if entropy:
-    total = total - loss.beta * jnp.sum(rewards.entropy_bonus(log_p, log_not_p, loss.full_entropy))
+    bonus = rewards.entropy_bonus(log_p, log_not_p, loss.full_entropy)
+    total = total - loss.beta * jnp.sum(bonus * mask if loss.entropy_controlled_only else bonus)
   if mean:
     total = total / batch
   metrics = {
@@ -224,6 +227,8 @@ def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits
       "blocks_sampled": jnp.mean(jnp.sum(sampled, -1)),
       "blocks_greedy": jnp.mean(jnp.sum(greedy, -1)),
       "policy_loss": pg / batch,
+      # Each block's mean sampling probability p': the curriculum's diagnosis (report.py).
+      **{f"keep_probability_{t}": p for t, p in enumerate(jnp.mean(jnp.exp(log_p), axis=0))},
   }
   return total, metrics
 

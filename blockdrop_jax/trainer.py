@@ -120,14 +120,27 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   if config.base.input_mean or config.base.input_std:
     spec = dataclasses.replace(spec, input_mean=tuple(config.base.input_mean or spec.input_mean),
                                input_std=tuple(config.base.input_std or spec.input_std))
-  policy_spec = resnet.policy_spec(spec, config.policy_arch or None)
+  policy_spec = resnet.policy_spec(spec, config.policy_arch or None,
+                                   config.policy_input_pool or None)
   policy = resnet.init(policy_spec, jax.random.fold_in(key, 2))
   if config.policy_init:
     policy = convert.policy_from_resnet(policy_spec, policy, config.policy_init)
+  if config.policy_init_bias:
+    fc = policy["params"]["fc"]
+    policy["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], config.policy_init_bias)}
   nets = Nets(spec, policy_spec, **options)
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
   return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
+
+
+def starting_resnet(config) -> Optional[tuple[resnet.ResNetSpec, dict]]:
+  """(spec, variables) of the ResNet a run of ``config`` starts from, before any of its training:
+  its base file or its ``init_from`` run; None if it pretrains its own."""
+  if "pretrain" in tuple(config.stages):
+    return None
+  nets, params, stats = initial_variables(config, jax.random.key(config.seed))
+  return nets.resnet, {"params": params["resnet"], "batch_stats": stats["resnet"]}
 
 
 def policy_loss(config, stage: str) -> PolicyLoss:
@@ -337,8 +350,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     stage_key = jax.random.fold_in(base_key, stage_index)
     K = nets.resnet.num_blocks
     for epoch in range(epoch, cfg.epochs):
-      k = (curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block) if stage == "curriculum"
-           else K)
+
+      def controlled(b, epoch=epoch, steps_per_epoch=steps_per_epoch):  # k of batch b
+        if stage != "curriculum":
+          return K
+        return curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block,
+                                            epoch * steps_per_epoch + b, cfg.steps_per_block)
+
       order = epoch_order(config.seed + 1000 * stage_index, epoch, len(train_ds))
       pending = PendingMetrics(sums_so_far)
       bar = tqdm(range(batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{cfg.epochs}",
@@ -354,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       for b in bar:
         key = jax.random.fold_in(stage_key, global_step)
         images, labels = parallel.global_batch(mesh, *next(batches))
-        state, metrics = step_fn(state, images, labels, key, jnp.int32(k))
+        state, metrics = step_fn(state, images, labels, key, jnp.int32(controlled(b)))
         pending.add(metrics)
         global_step += 1
         every = config.checkpoint_every_steps
@@ -372,6 +390,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       sums = pending.sums
       seconds = time.perf_counter() - started
       batch, sums_so_far = 0, {}
+      k = controlled(steps_per_epoch - 1)  # as the epoch ended
       record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
                 **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()},
                 **epoch_throughput(seconds, steps_per_epoch - first_batch, cfg.batch_size)}
@@ -408,7 +427,8 @@ def epoch_throughput(seconds: float, steps: int, batch_size: int) -> dict:
 def _summary(record: dict) -> str:
   parts = [f"{record['stage']} epoch {record['epoch']}"]
   for key, value in record.items():
-    if key.startswith(("train_", "test_")) and isinstance(value, float):
+    if (key.startswith(("train_", "test_")) and isinstance(value, float)
+        and not key.startswith("train_keep_probability_")):  # per block: in the report's figure
       parts.append(f"{key}={value:.4g}")
   return " ".join(parts)
 

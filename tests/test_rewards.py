@@ -49,6 +49,8 @@ def test_entropy_terms():
 def test_curriculum_schedule_forcing_and_mask():
   assert [curriculum.controlled_blocks(e, 4) for e in range(6)] == [1, 2, 3, 4, 4, 4]
   assert [curriculum.controlled_blocks(e, 4, 2) for e in range(6)] == [1, 1, 2, 2, 3, 3]
+  # Per step: every 3 steps, whatever the epoch.
+  assert [curriculum.controlled_blocks(0, 4, 1, s, 3) for s in range(0, 14, 2)] == [1, 1, 2, 3, 3, 4, 4]
   mask = curriculum.controlled_mask(jnp.int32(2), 5)
   np.testing.assert_array_equal(mask, [0, 0, 0, 1, 1])
   np.testing.assert_array_equal(curriculum.force_prefix(jnp.zeros((1, 5)), mask), [[1, 1, 1, 0, 0]])
@@ -64,12 +66,14 @@ def _numpy_loss(logits, u, u_map, correct_u, correct_map, mask, loss, entropy, m
   log_lik = np.log(np.where(u == 1, pb, 1 - pb))
   total = -(log_lik * mask * (r - r_map)[:, None]).sum()
   if entropy:
-    total -= loss.beta * (-pb * np.log(pb)).sum()
+    bonus = -pb * np.log(pb)
+    total -= loss.beta * (bonus * mask if loss.entropy_controlled_only else bonus).sum()
   return total / len(u) if mean else total
 
 
-@pytest.mark.parametrize("entropy,mean", [(True, True), (False, False)])
-def test_policy_gradient_loss_matches_the_formula(entropy, mean):
+@pytest.mark.parametrize("entropy,mean,controlled_only",
+                         [(True, True, False), (True, True, True), (False, False, False)])
+def test_policy_gradient_loss_matches_the_formula(entropy, mean, controlled_only):
   rng = np.random.default_rng(0)
   B, K = 6, 5
   logits = rng.normal(size=(B, K)).astype(np.float32)
@@ -79,7 +83,8 @@ def test_policy_gradient_loss_matches_the_formula(entropy, mean):
   logits_u = np.eye(3, dtype=np.float32)[rng.integers(0, 3, B)]
   logits_map = np.eye(3, dtype=np.float32)[rng.integers(0, 3, B)]
   mask = np.array([0, 0, 1, 1, 1], np.float32)
-  loss = steps.PolicyLoss(alpha=0.8, beta=0.1, penalty=-3.0)
+  loss = steps.PolicyLoss(alpha=0.8, beta=0.1, penalty=-3.0,
+                          entropy_controlled_only=controlled_only)
   log_p, log_not_p = rewards.bounded_log_probs(jnp.asarray(logits), loss.alpha)
   ours, _ = steps._policy_gradient(loss, log_p, log_not_p, u, u_map, logits_u, logits_map, labels,
                                    mask, entropy=entropy, mean=mean)

@@ -17,6 +17,10 @@ from conftest import REPO, cli_env
 SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
 
 
+# Checkpoints at every step, and the curriculum handing over a block every 2 steps (the smoke
+# config has 3 steps an epoch and K = 3 blocks).
+PER_STEP = ("--config.checkpoint_every_steps=1", "--config.curriculum.steps_per_block=2")
+
 # One CPU device: the multi-device runs are tests/test_parallel.py's.
 ENV = cli_env(devices=1)
 
@@ -58,7 +62,7 @@ def _final(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shared_data):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  proc = run_train(workdir, *PER_STEP)
   assert proc.returncode == 0, proc.stderr
   return workdir, proc
 
@@ -69,7 +73,8 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
     assert line in proc.stdout
   _, _, meta, records = _final(workdir)
   assert [r["stage"] for r in records] == ["pretrain", "curriculum", "curriculum", "finetune"]
-  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [1, 2]
+  # k at the end of each epoch: steps 0-2 hand over 1, 1, 2 blocks, steps 3-5 2, 3, 3.
+  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [2, 3]
   assert meta["stage"] == "finetune" and meta["epoch"] == 1
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3
@@ -85,7 +90,7 @@ def test_each_epoch_logs_its_training_throughput(uninterrupted):
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
   # Without the shared compilation cache: a kill amid a write would leave a truncated entry.
-  proc = subprocess.Popen(train_cmd(workdir, "--config.checkpoint_every_steps=1"), cwd=REPO,
+  proc = subprocess.Popen(train_cmd(workdir, *PER_STEP), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           env=cli_env(devices=1, cache=False))
   # Kill once a mid-epoch checkpoint of the curriculum exists: 3 steps an epoch, pretraining takes
@@ -100,7 +105,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_p
   from blockdrop_jax import checkpoint
   meta = checkpoint.load_run(str(workdir))[3]
   assert meta["stage"] == "curriculum" and meta["batch"] > 0  # stopped inside an epoch
-  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  proc = run_train(workdir, *PER_STEP)
   assert proc.returncode == 0, proc.stderr
   params, stats, meta, records = _final(workdir)
   params_ref, stats_ref, meta_ref, records_ref = _final(uninterrupted[0])
@@ -113,7 +118,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_p
 def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
   workdir, _ = uninterrupted
   before = _final(workdir)[3]
-  proc = run_train(workdir, "--config.checkpoint_every_steps=1")
+  proc = run_train(workdir, *PER_STEP)
   assert proc.returncode == 0 and "Unique Policies" in proc.stdout
   assert _final(workdir)[3] == before
 
@@ -127,7 +132,7 @@ def test_corrupted_checkpoint_is_reported_and_kept(uninterrupted, tmp_path):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   before = sorted(os.listdir(workdir / "checkpoints"))
-  _one_line_error(run_train(workdir, "--config.checkpoint_every_steps=1"), "cannot be read")
+  _one_line_error(run_train(workdir, *PER_STEP), "cannot be read")
   assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
@@ -143,6 +148,7 @@ def test_sparse_checkpoints_resume_to_the_same_run(tmp_path):
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved == [3, 9, 12, 15]
   params, stats, meta, records = _final(workdir)
+  assert [r["k"] for r in records if r["stage"] == "curriculum"] == [1, 2, 3]  # one an epoch
   for step in (12, 15):  # as if the run had been killed during epoch 3 of the curriculum
     shutil.rmtree(workdir / "checkpoints" / str(step))
   assert run_train(workdir, *overrides).returncode == 0
@@ -164,9 +170,35 @@ def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
   report = (out / "report.md").read_text()
   pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
   assert pngs == sorted(["tradeoff.png", "blocks_histogram.png", "keep_rate.png", "policy_gallery.png",
-                         "confidence.png", "training_curves.png"])
+                         "confidence.png", "training_curves.png", "policy_training.png"])
   for name in pngs:
     image = matplotlib.image.imread(out / name)
     assert image.shape[0] > 200 and image.shape[1] > 300, name
     assert image[..., :3].std() > 0.02, f"{name} is blank"
     assert f"]({name})" in report
+
+
+def test_baselines_include_the_resnet_the_run_started_from(uninterrupted, tmp_path, test_records):
+  """A finetuning run from another run's weights: its `pretrained` reference is that run's full
+  network, image for image, while its own `full` is the finetuned ResNet."""
+  started_from, _ = uninterrupted
+  workdir = tmp_path / "finetuned"
+  proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}")
+  assert proc.returncode == 0, proc.stderr
+
+  def evaluate(run):
+    out = tmp_path / f"{os.path.basename(run)}.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
+                           str(run), "--data", test_records, "--baselines", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+  before, _ = evaluate(started_from)
+  after, printed = evaluate(workdir)
+  assert "pretrained" not in before["baselines"]  # it pretrained its own ResNet
+  k = round(after["blocks_mean"])
+  assert list(after["baselines"]) == ["pretrained", "full", f"first{k}", f"random{k}"]
+  assert after["baselines"]["pretrained"]["predictions"] == before["baselines"]["full"]["predictions"]
+  assert after["baselines"]["full"]["confidence"] != before["baselines"]["full"]["confidence"]
+  assert "pretrained: Accuracy: " in printed and after["num_blocks"] == 3

@@ -265,13 +265,15 @@ def apply(spec: ResNetSpec, variables, images, policy=None, train: bool = False)
   return model.apply(variables, images, policy)
 
 
-def policy_spec(base: ResNetSpec, arch: Optional[str] = None) -> ResNetSpec:
+def policy_spec(base: ResNetSpec, arch: Optional[str] = None,
+                input_pool: Optional[int] = None) -> ResNetSpec:
   """The BlockDrop policy network for ``base``: ResNet-8 (CIFAR) or ResNet-10 at 112 px (ImageNet).
 
-  Its classifier has K outputs, the block logits; it sees the same normalised input as the base.
+  Its classifier has K outputs, the block logits; it sees the same normalised input as the base,
+  average-pooled by ``input_pool`` (default 1 on CIFAR, 2 on ImageNet, as the original).
   """
   cifar = base.stem == "cifar"
   arch = arch or ("cifar_resnet8" if cifar else "imagenet_resnet10")
   return make_spec(arch, num_classes=base.num_blocks, shortcut="avgpool" if cifar else "projection",
                    input_mean=base.input_mean, input_std=base.input_std,
-                   input_pool=1 if cifar else 2)
+                   input_pool=input_pool or (1 if cifar else 2))

@@ -1,0 +1,164 @@
+"""Short-run BlockDrop: the original's settings against the switches beyond it, over seeds and
+penalties, each run judged against its references on the test images.
+
+  python benchmarks/recipe_sweep.py --config configs/akamaster_r56_subset.py \
+      --variants original,recipe --seeds 0,1,2 --workdir runs/sweep \
+      --out benchmarks/results/recipe_sweep_r56.md
+  python benchmarks/recipe_sweep.py --config configs/akamaster_r32_subset.py --variants recipe \
+      --penalties -2,-5,-10,-20 --figure docs/figures/tradeoff_r32.png ...
+
+Each run is ``train.py`` then ``evaluate.py --baselines --json`` (subprocesses, as a user runs
+them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes. The table
+gives per variant and penalty the mean and spread over seeds of BlockDrop's test accuracy, blocks
+and FLOPs/img (policy network included), and the references: the pretrained ResNet (every block),
+FirstK and RandomK at the same mean blocks. ``--figure`` draws accuracy against FLOPs for every run
+beside FirstK and RandomK curves of the pretrained ResNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The switches of configs/default.py, as config overrides. "original" is the original's behaviour.
+VARIANTS = {
+    "original": [],
+    # Every block starts on, and the entropy bonus only over the blocks the policy controls.
+    "all_on": ["--config.policy_init_bias=3", "--config.quirks.entropy_controlled_only=True"],
+}
+
+
+def run_one(config: str, overrides: list[str], workdir: str, data: str) -> dict:
+  result_path = os.path.join(workdir, "evaluation.json")
+  train = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}",
+           f"--workdir={workdir}", "--noprogress", *overrides]
+  subprocess.run(train, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--checkpoint={workdir}",
+              f"--data={data}", "--baselines", f"--json={result_path}"]
+  subprocess.run(evaluate, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  with open(result_path) as f:
+    result = json.load(f)
+  references = result["baselines"]
+  k = int(round(result["blocks_mean"]))
+  return {"accuracy": result["accuracy"], "blocks": result["blocks_mean"],
+          "flops": result["flops_mean"], "num_blocks": result["num_blocks"],
+          "pretrained": references["pretrained"]["accuracy"],
+          "pretrained_flops": references["pretrained"]["flops_mean"],
+          "first_k": references[f"first{k}"]["accuracy"],
+          "random_k": references[f"random{k}"]["accuracy"]}
+
+
+def meets_targets(r: dict) -> bool:
+  """Within 1.5 points of the pretrained ResNet, at most 90% of its blocks, at or above FirstK
+  and RandomK at the same mean blocks."""
+  return (r["accuracy"] >= r["pretrained"] - 0.015 and r["blocks"] <= 0.9 * r["num_blocks"]
+          and r["accuracy"] >= max(r["first_k"], r["random_k"]))
+
+
+def table(rows: dict) -> str:
+  def spread(values, scale=1.0, digits=1):
+    values = scale * np.asarray(values)
+    return f"{values.mean():.{digits}f} \u00b1 {values.std():.{digits}f}"
+
+  lines = ["| variant | penalty | seeds | accuracy % | blocks | FLOPs/img (policy incl.) / "
+           "pretrained | pretrained % | FirstK % | RandomK % | runs meeting the targets |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for (variant, penalty), runs in rows.items():
+    get = lambda key: [r[key] for r in runs]
+    lines.append(
+        f"| {variant} | {penalty} | {len(runs)} | {spread(get('accuracy'), 100)} | "
+        f"{spread(get('blocks'), digits=2)} / {runs[0]['num_blocks']} | "
+        f"{spread(np.divide(get('flops'), get('pretrained_flops')), digits=3)} | "
+        f"{100 * runs[0]['pretrained']:.1f} | {spread(get('first_k'), 100)} | "
+        f"{spread(get('random_k'), 100)} | {sum(map(meets_targets, runs))}/{len(runs)} |")
+  return "\n".join(lines)
+
+
+def figure(rows: dict, config: str, data: str, path: str) -> None:
+  """Accuracy against FLOPs/img: every run, and FirstK/RandomK curves of the pretrained ResNet."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from blockdrop_jax import configs, data as data_lib, evaluation, trainer, steps
+
+  spec, variables = trainer.starting_resnet(configs.load(config))
+  nets = steps.Nets(spec)
+  params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
+  dataset = data_lib.load_dataset(data)
+  K = spec.num_blocks
+  ks = sorted({int(k) for k in np.linspace(K // 3, K, 8).round()})
+  curves = {"FirstK": [], "RandomK": []}
+  for k in ks:
+    reports = evaluation.fixed_k_reports(nets, params, stats, dataset, k, progress=False)
+    curves["FirstK"].append((reports[f"first{k}"]["flops_mean"], reports[f"first{k}"]["accuracy"]))
+    curves["RandomK"].append((reports[f"random{k}"]["flops_mean"],
+                              reports[f"random{k}"]["accuracy"]))
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for name, points in curves.items():
+    ax.plot(*zip(*[(f, 100 * a) for f, a in points]), "--o", ms=3, label=name)
+  for (variant, penalty), runs in rows.items():
+    ax.scatter([r["flops"] for r in runs], [100 * r["accuracy"] for r in runs], s=30, zorder=3,
+               label=f"BlockDrop {variant}, penalty {penalty}")
+  ax.scatter([curves["FirstK"][-1][0]], [100 * curves["FirstK"][-1][1]], marker="*", s=160,
+             c="k", zorder=4, label=f"pretrained {spec.name}")
+  ax.set(xlabel="FLOPs per image (BlockDrop: policy network included)",
+         ylabel="test accuracy (%)", title=f"{spec.name}: accuracy against computation")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--variants", default="original,all_on",
+                      help=f"comma-separated, of {', '.join(VARIANTS)}")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--penalties", default="",
+                      help="comma-separated curriculum and finetune penalties (default: the config's)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every run (repeat the flag)")
+  parser.add_argument("--workdir", required=True, help="one sub-folder per run")
+  parser.add_argument("--data", default=None, help="test images (default: the config's)")
+  parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
+  parser.add_argument("--figure", default=None, help="the trade-off figure (PNG)")
+  args = parser.parse_args()
+  from blockdrop_jax import configs
+
+  data = args.data or configs.load(args.config).data.test
+  penalties = [float(p) for p in args.penalties.split(",") if p] or [None]
+  rows = {}
+  for variant in args.variants.split(","):
+    for penalty in penalties:
+      runs = []
+      for seed in (int(s) for s in args.seeds.split(",")):
+        overrides = [*VARIANTS[variant], *(f"--config.{kv}" for kv in args.set),
+                     f"--config.seed={seed}"]
+        if penalty is not None:
+          overrides += [f"--config.curriculum.penalty={penalty}",
+                        f"--config.finetune.penalty={penalty}"]
+        name = f"{variant}_p{penalty if penalty is not None else 'config'}_s{seed}"
+        runs.append(run_one(args.config, overrides, os.path.join(args.workdir, name), data))
+        print(name, json.dumps(runs[-1]), flush=True)
+      rows[(variant, penalty if penalty is not None else "config")] = runs
+  text = "\n".join([f"`python benchmarks/recipe_sweep.py {' '.join(sys.argv[1:])}`", "",
+                    table(rows)])
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  if args.figure:
+    figure(rows, args.config, data, args.figure)
+
+
+if __name__ == "__main__":
+  main()
