@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from blockdrop_jax import (checkpoint, convert, curriculum, evaluation, parallel, registry, steps,
-                           storage)
+from blockdrop_jax import (checkpoint, configs, convert, curriculum, evaluation, parallel, registry,
+                           steps, storage)
 from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
@@ -277,7 +277,8 @@ RESUMABLE_CHANGES = ("pretrain.epochs", "curriculum.epochs", "finetune.epochs", 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Dotted keys whose values differ between a saved and the current config, beyond those a
-  resumed run may change."""
+  resumed run may change. Keys added since the run was saved read as their defaults."""
+  saved = configs.from_json(json.dumps(saved)).to_dict()
   def flat(tree, prefix=""):
     out = {}
     for key, value in tree.items():
