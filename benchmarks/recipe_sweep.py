@@ -5,7 +5,7 @@ penalties, each run judged against its references on the test images.
       --variants original,recipe --seeds 0,1,2 --workdir runs/sweep \
       --out benchmarks/results/recipe_sweep_r56.md
   python benchmarks/recipe_sweep.py --config configs/akamaster_r32_subset.py --variants recipe \
-      --penalties -2,-5,-10,-20 --figure docs/figures/tradeoff_r32.png ...
+      --seeds 0 --penalties -0.3,-0.5,-1 --figure docs/figures/tradeoff_r32.png ...
 
 Each run is ``train.py`` then ``evaluate.py --baselines --json`` (subprocesses, as a user runs
 them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes. The table
@@ -28,15 +28,16 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# The switches of configs/default.py, as config overrides. "original" is the original's behaviour.
+# Each variant: a config variant (configs/default.py) and overrides on top of it. "original" is
+# the original's behaviour.
 VARIANTS = {
-    "original": [],
-    # Every block starts on, and the entropy bonus only over the blocks the policy controls.
-    "all_on": ["--config.policy_init_bias=3", "--config.quirks.entropy_controlled_only=True"],
+    "original": ("", []),
+    "recipe": ("recipe", []),
 }
 
 
 def run_one(config: str, overrides: list[str], workdir: str, data: str) -> dict:
+  """``train.py`` then ``evaluate.py --baselines`` on ``config`` (``path[:variant]``)."""
   result_path = os.path.join(workdir, "evaluation.json")
   train = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}",
            f"--workdir={workdir}", "--noprogress", *overrides]
@@ -120,7 +121,7 @@ def figure(rows: dict, config: str, data: str, path: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
-  parser.add_argument("--variants", default="original,all_on",
+  parser.add_argument("--variants", default="original,recipe",
                       help=f"comma-separated, of {', '.join(VARIANTS)}")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--penalties", default="",
@@ -141,13 +142,15 @@ def main() -> None:
     for penalty in penalties:
       runs = []
       for seed in (int(s) for s in args.seeds.split(",")):
-        overrides = [*VARIANTS[variant], *(f"--config.{kv}" for kv in args.set),
+        config_variant, variant_overrides = VARIANTS[variant]
+        config = f"{args.config}:{config_variant}" if config_variant else args.config
+        overrides = [*variant_overrides, *(f"--config.{kv}" for kv in args.set),
                      f"--config.seed={seed}"]
         if penalty is not None:
           overrides += [f"--config.curriculum.penalty={penalty}",
                         f"--config.finetune.penalty={penalty}"]
         name = f"{variant}_p{penalty if penalty is not None else 'config'}_s{seed}"
-        runs.append(run_one(args.config, overrides, os.path.join(args.workdir, name), data))
+        runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
       rows[(variant, penalty if penalty is not None else "config")] = runs
   text = "\n".join([f"`python benchmarks/recipe_sweep.py {' '.join(sys.argv[1:])}`", "",

@@ -29,6 +29,19 @@ def test_original_hyper_parameters():
   assert r110.base.shortcut == "avgpool" and not r110.base.input_mean  # raw [0, 1] pixels
 
 
+def test_recipe_is_opt_in_and_combines_with_smoke():
+  """The original's behaviour stays the default; ``:recipe`` switches on what the sweep kept."""
+  path = os.path.join(REPO, "configs", "akamaster_r56_subset.py")
+  original, recipe = configs.load(path), configs.load(path + ":recipe,smoke")
+  assert (original.policy_init_bias, original.curriculum.lr, original.curriculum.steps_per_block,
+          original.curriculum.alpha, original.curriculum.beta) == (0.0, 1e-3, 0, 0.8, 0.1)
+  assert (recipe.policy_init_bias, recipe.curriculum.lr, recipe.curriculum.steps_per_block,
+          recipe.curriculum.alpha, recipe.curriculum.beta) == (3.0, 1e-2, 2, 0.9, 0.0)
+  assert (original.curriculum.penalty, original.finetune.penalty) == (-1.0, -5.0)
+  assert (recipe.curriculum.penalty, recipe.finetune.penalty) == (-0.5, -1.0)
+  assert recipe.data.train_limit == 48
+
+
 def test_overrides_keep_types_and_refuse_unknown_keys():
   path = os.path.join(REPO, "configs", "akamaster_r32_subset.py")
   config = configs.load(path, ["--config.finetune.penalty=-10", "--config.stages=finetune",
