@@ -5,7 +5,7 @@ penalties, each run judged against its references on the test images.
       --variants original,recipe --seeds 0,1,2 --workdir runs/sweep \
       --out benchmarks/results/recipe_sweep_r56.md
   python benchmarks/recipe_sweep.py --config configs/akamaster_r32_subset.py --variants recipe \
-      --seeds 0 --penalties -0.3,-0.5,-1 --figure docs/figures/tradeoff_r32.png ...
+      --seeds 0 --penalties=-0.3/-0.6,-0.5/-1,-1/-2 --figure docs/figures/tradeoff_r32.png ...
 
 Each run is ``train.py`` then ``evaluate.py --baselines --json`` (subprocesses, as a user runs
 them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes. The table
@@ -33,6 +33,8 @@ sys.path.insert(0, ROOT)
 VARIANTS = {
     "original": ("", []),
     "recipe": ("recipe", []),
+    # The recipe with the policy on the 2x average-pooled image (a quarter of its FLOPs).
+    "recipe_pooled": ("recipe", ["--config.policy_input_pool=2"]),
 }
 
 
@@ -125,7 +127,8 @@ def main() -> None:
                       help=f"comma-separated, of {', '.join(VARIANTS)}")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--penalties", default="",
-                      help="comma-separated curriculum and finetune penalties (default: the config's)")
+                      help="comma-separated CURRICULUM/FINETUNE penalty pairs, e.g. "
+                      "-0.5/-1,-1/-2 (default: the config's)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every run (repeat the flag)")
   parser.add_argument("--workdir", required=True, help="one sub-folder per run")
@@ -136,7 +139,7 @@ def main() -> None:
   from blockdrop_jax import configs
 
   data = args.data or configs.load(args.config).data.test
-  penalties = [float(p) for p in args.penalties.split(",") if p] or [None]
+  penalties = [p for p in args.penalties.split(",") if p] or [None]
   rows = {}
   for variant in args.variants.split(","):
     for penalty in penalties:
@@ -147,9 +150,10 @@ def main() -> None:
         overrides = [*variant_overrides, *(f"--config.{kv}" for kv in args.set),
                      f"--config.seed={seed}"]
         if penalty is not None:
-          overrides += [f"--config.curriculum.penalty={penalty}",
-                        f"--config.finetune.penalty={penalty}"]
-        name = f"{variant}_p{penalty if penalty is not None else 'config'}_s{seed}"
+          curriculum_penalty, finetune_penalty = penalty.split("/")
+          overrides += [f"--config.curriculum.penalty={curriculum_penalty}",
+                        f"--config.finetune.penalty={finetune_penalty}"]
+        name = f"{variant}_p{penalty.replace('/', '_') if penalty else 'config'}_s{seed}"
         runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
       rows[(variant, penalty if penalty is not None else "config")] = runs
