@@ -1,6 +1,6 @@
 """Experiment configs through ``ml_collections.config_flags``, as flax's examples load them.
 
-``--config configs/NAME.py[:smoke]`` names a file whose ``get_config(variant)`` returns a
+``--config configs/NAME.py[:smoke|:recipe]`` names a file whose ``get_config(variant)`` returns a
 ``ConfigDict``; ``--config.a.b=value`` overrides a key and keeps its type. On top of
 config_flags: a key the default config (``configs/default.py``) does not have is a typo, and a
 tuple of names may be given comma-separated (``--config.stages=pretrain,curriculum``).
@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from blockdrop_jax.errors import BlockDropError
 
-HELP = "configs/NAME.py, optionally :smoke; override keys with --config.a.b=value"
+HELP = ("configs/NAME.py, optionally :smoke, :recipe or :recipe,smoke; override keys with "
+        "--config.a.b=value")
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,

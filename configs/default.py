@@ -1,7 +1,7 @@
 """Defaults shared by every experiment: the original BlockDrop hyper-parameters (docs/method.md).
 
 Experiments import this and override. Variants: ``configs/NAME.py:smoke`` shrinks a config to
-a seconds-long run for tests.
+a seconds-long run for tests; ``:recipe`` applies the short-run recipe; ``:recipe,smoke`` both.
 """
 
 import ml_collections
