@@ -1,11 +1,12 @@
 """Short-run BlockDrop: the original's settings against the switches beyond it, over seeds and
 penalties, each run judged against its references on the test images.
 
-  python benchmarks/recipe_sweep.py --config configs/akamaster_r56_subset.py \
-      --variants original,recipe --seeds 0,1,2 --workdir runs/sweep \
-      --out benchmarks/results/recipe_sweep_r56.md
-  python benchmarks/recipe_sweep.py --config configs/akamaster_r32_subset.py --variants recipe \
-      --seeds 0 --penalties=-0.3/-0.6,-0.5/-1,-1/-2 --figure docs/figures/tradeoff_r32.png ...
+  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe \
+      --seeds 0,1,2 --workdir runs/sweep --out benchmarks/results/recipe_sweep.md
+  python benchmarks/recipe_sweep.py --config configs/quickstart.py \
+      --set base.checkpoint=akamaster/resnet32 --variants recipe --seeds 0 \
+      --penalties=-0.3/-0.6,-0.5/-1,-1/-2 --workdir runs/sweep_r32 \
+      --out benchmarks/results/tradeoff_r32.md --figure docs/figures/tradeoff_r32.png
 
 Each run is ``train.py`` then ``evaluate.py --baselines --json`` (subprocesses, as a user runs
 them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes. The table
@@ -120,7 +121,7 @@ def figure(rows: dict, config: str, data: str, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--variants", default="original,recipe",
@@ -135,7 +136,7 @@ def main() -> None:
   parser.add_argument("--data", default=None, help="test images (default: the config's)")
   parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
   parser.add_argument("--figure", default=None, help="the trade-off figure (PNG)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   from blockdrop_jax import configs
 
   data = args.data or configs.load(args.config).data.test
@@ -157,7 +158,8 @@ def main() -> None:
         runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
       rows[(variant, penalty if penalty is not None else "config")] = runs
-  text = "\n".join([f"`python benchmarks/recipe_sweep.py {' '.join(sys.argv[1:])}`", "",
+  command = " ".join(sys.argv[1:] if argv is None else argv)
+  text = "\n".join([f"`python benchmarks/recipe_sweep.py {command}`", "",
                     table(rows)])
   print(text)
   if args.out:
