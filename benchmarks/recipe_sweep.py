@@ -139,25 +139,31 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from blockdrop_jax import configs
 
-  data = args.data or configs.load(args.config).data.test
+  variants = args.variants.split(",")
   penalties = [p for p in args.penalties.split(",") if p] or [None]
+  if unknown := [v for v in variants if v not in VARIANTS]:
+    parser.error(f"unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
+  if bad := [p for p in penalties if p is not None and p.count("/") != 1]:
+    parser.error(f"--penalties {bad[0]!r}: give CURRICULUM/FINETUNE pairs, e.g. -0.5/-1")
+  data = args.data or configs.load(args.config).data.test
   rows = {}
-  for variant in args.variants.split(","):
+  for variant in variants:
+    config_variant, variant_overrides = VARIANTS[variant]
+    config = f"{args.config}:{config_variant}" if config_variant else args.config
     for penalty in penalties:
+      label = penalty or "config"
       runs = []
       for seed in (int(s) for s in args.seeds.split(",")):
-        config_variant, variant_overrides = VARIANTS[variant]
-        config = f"{args.config}:{config_variant}" if config_variant else args.config
         overrides = [*variant_overrides, *(f"--config.{kv}" for kv in args.set),
                      f"--config.seed={seed}"]
         if penalty is not None:
           curriculum_penalty, finetune_penalty = penalty.split("/")
           overrides += [f"--config.curriculum.penalty={curriculum_penalty}",
                         f"--config.finetune.penalty={finetune_penalty}"]
-        name = f"{variant}_p{penalty.replace('/', '_') if penalty else 'config'}_s{seed}"
+        name = f"{variant}_p{label.replace('/', '_')}_s{seed}"
         runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
-      rows[(variant, penalty if penalty is not None else "config")] = runs
+      rows[(variant, label)] = runs
   command = " ".join(sys.argv[1:] if argv is None else argv)
   text = "\n".join([f"`python benchmarks/recipe_sweep.py {command}`", "",
                     table(rows)])
