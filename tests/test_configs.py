@@ -36,9 +36,11 @@ def test_recipe_is_opt_in_and_combines_with_smoke():
   assert (original.policy_init_bias, original.curriculum.lr, original.curriculum.steps_per_block,
           original.curriculum.alpha, original.curriculum.beta) == (0.0, 1e-3, 0, 0.8, 0.1)
   assert (recipe.policy_init_bias, recipe.curriculum.lr, recipe.curriculum.steps_per_block,
-          recipe.curriculum.alpha, recipe.curriculum.beta) == (3.0, 1e-2, 2, 0.9, 0.0)
-  assert (original.curriculum.penalty, original.finetune.penalty) == (-1.0, -5.0)
-  assert (recipe.curriculum.penalty, recipe.finetune.penalty) == (-0.5, -1.0)
+          recipe.curriculum.alpha, recipe.curriculum.beta) == (3.0, 1e-2, 1, 0.9, 0.0)
+  assert (original.curriculum.penalty, original.finetune.penalty, original.finetune.alpha) == (
+      -1.0, -5.0, 0.8)
+  assert (recipe.curriculum.penalty, recipe.finetune.penalty, recipe.finetune.alpha) == (
+      -0.7, -1.0, 0.9)
   assert recipe.data.train_limit == 48
 
 
