@@ -32,10 +32,14 @@ class TrainState:
   params: dict
   batch_stats: dict
   opt_state: Any
+  # The Lagrange multiplier of the block budget (PolicyLoss.block_budget); stays 0 without one.
+  budget_multiplier: jax.Array
 
 
-def create_state(params: dict, batch_stats: dict, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+def create_state(params: dict, batch_stats: dict, tx: optax.GradientTransformation,
+                 budget_multiplier: float = 0.0) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                    jnp.asarray(budget_multiplier, jnp.float32))
 
 
 def make_optimizer(stage: str, cfg, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -73,6 +77,12 @@ class PolicyLoss:
   entropy_controlled_only: bool = False
   greedy_from_bounded: bool = False  # original: greedy baseline from the unbounded p
   finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
+  # Beyond the original: at most this fraction of the K blocks per image on average (0: no
+  # budget). The reward then pays ``budget_multiplier * |u|_1 / K`` less per image; the multiplier
+  # rises while the greedy policy of the batch runs more than the budget and falls back towards 0
+  # below it (dual ascent, ``budget_lr`` a step), once the policy controls every block.
+  block_budget: float = 0.0
+  budget_lr: float = 0.25
 
 
 CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (execution.resolve_auto)
@@ -141,7 +151,21 @@ def _test_inputs(nets: Nets, images):
 
 def _apply_updates(state: TrainState, tx, grads, batch_stats) -> TrainState:
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return TrainState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
+def _update_budget_multiplier(loss: PolicyLoss, state: TrainState, metrics: dict, num_blocks: int,
+                              active=True) -> tuple[TrainState, dict]:
+  """Dual ascent on the block budget's multiplier from the batch's greedy blocks (the test-time
+  policy; ``metrics`` are already averaged over devices); ``active`` (may be traced): whether the
+  policy controls every block. Adds the multiplier to the metrics."""
+  if not loss.block_budget:
+    return state, metrics
+  excess = metrics["blocks_greedy"] / num_blocks - loss.block_budget
+  raised = jnp.maximum(state.budget_multiplier + loss.budget_lr * excess, 0.0)
+  state = state.replace(budget_multiplier=jnp.where(active, raised, state.budget_multiplier))
+  return state, {**metrics, "budget_multiplier": state.budget_multiplier}
 
 
 def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key):
@@ -182,7 +206,8 @@ def _compact_passes(nets: Nets):
                        out_specs=(rows, rows))
 
 
-def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key, k):
+def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key, k,
+                    budget_multiplier=0.0):
   """Stage 1 loss (ResNet frozen, BN inference mode) and its measurements.
 
   Returns (loss, (metrics, new policy batch stats)). ``k`` is the number of policy-controlled
@@ -200,17 +225,21 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
     logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
     logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
   total, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                    logits_greedy, labels, mask, entropy=True, mean=True)
+                                    logits_greedy, labels, mask, budget_multiplier, entropy=True,
+                                    mean=True)
   return total, (metrics, policy_stats)
 
 
 def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                     logits_greedy, labels, mask, entropy: bool, mean: bool):
+                     logits_greedy, labels, mask, budget_multiplier, entropy: bool, mean: bool):
   batch = labels.shape[0]
   correct_sampled = logits_sampled.argmax(-1) == labels
   reward_sampled = rewards.reward(sampled, correct_sampled, loss.penalty)
   reward_greedy = rewards.reward(greedy, logits_greedy.argmax(-1) == labels, loss.penalty)
-  advantage = jax.lax.stop_gradient(reward_sampled - reward_greedy)
+  # The block budget's price of the blocks run (0 without a budget).
+  extra_blocks = jnp.mean(sampled, -1) - jnp.mean(greedy, -1)
+  advantage = jax.lax.stop_gradient(reward_sampled - reward_greedy
+                                    - budget_multiplier * extra_blocks)
   log_lik = rewards.log_likelihood(sampled, log_p, log_not_p) * mask
   pg = -jnp.sum(log_lik * advantage[:, None])
   total = pg
@@ -238,15 +267,19 @@ def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images,
   aug_key, sample_key = jax.random.split(key)
   x = _inputs(nets, aug_key, images)
   grad_fn = jax.value_and_grad(
-      lambda p: curriculum_loss(nets, loss, p, state.batch_stats, x, labels, sample_key, k),
+      lambda p: curriculum_loss(nets, loss, p, state.batch_stats, x, labels, sample_key, k,
+                                state.budget_multiplier),
       has_aux=True)
   (total, (metrics, policy_stats)), grads = grad_fn(state.params)
   grads = _mean_over_devices(grads, nets.axis_name)
-  state = _apply_updates(state, tx, grads, {**state.batch_stats, "policy": policy_stats})
-  return state, _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  new_state = _apply_updates(state, tx, grads, {**state.batch_stats, "policy": policy_stats})
+  metrics = _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  K = nets.resnet.num_blocks
+  return _update_budget_multiplier(loss, new_state, metrics, K, active=k >= K)
 
 
-def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key):
+def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
+                  budget_multiplier=0.0):
   """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
   sampled pass. Both ResNet passes run with BatchNorm in training mode, greedy first, as the
   original does; gradients reach the ResNet only through the sampled pass."""
@@ -258,7 +291,7 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key):
                                           sampled, train=True)
   ones = jnp.ones((nets.resnet.num_blocks,))
   pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                 logits_greedy, labels, ones, entropy=False,
+                                 logits_greedy, labels, ones, budget_multiplier, entropy=False,
                                  mean=loss.finetune_pg_mean)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits_sampled, labels).mean()
   metrics = {**metrics, "cross_entropy": cross_entropy}
@@ -273,11 +306,13 @@ def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, l
   aug_key, sample_key = jax.random.split(key)
   x = _inputs(nets, aug_key, images)
   grad_fn = jax.value_and_grad(
-      lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key), has_aux=True)
+      lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key,
+                              state.budget_multiplier), has_aux=True)
   (total, (metrics, stats)), grads = grad_fn(state.params)
   grads = _mean_over_devices(grads, nets.axis_name)
-  state = _apply_updates(state, tx, grads, stats)
-  return state, _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  new_state = _apply_updates(state, tx, grads, stats)
+  metrics = _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  return _update_budget_multiplier(loss, new_state, metrics, nets.resnet.num_blocks)
 
 
 def greedy_policy(nets: Nets, params, stats, images, k=None):

@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
                     ("log_every_steps", "steps")):
     if not isinstance(config[key], int) or config[key] < 1:
       raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of {unit}")
+  budget = config.block_budget
+  if not 0.0 <= budget.fraction < 1.0 or budget.lr <= 0:
+    raise BlockDropError(f"config.block_budget: fraction ({budget.fraction}) must be in [0, 1) "
+                         f"(0: no budget) and lr ({budget.lr}) positive")
   for stage in stages:
     cfg = config[stage]
     if stage != "pretrain":
@@ -146,6 +150,7 @@ def starting_resnet(config) -> Optional[tuple[resnet.ResNetSpec, dict]]:
 def policy_loss(config, stage: str) -> PolicyLoss:
   cfg = config[stage]
   return PolicyLoss(alpha=cfg.alpha, beta=cfg.get("beta", 0.0), penalty=cfg.penalty,
+                    block_budget=config.block_budget.fraction, budget_lr=config.block_budget.lr,
                     **config.quirks.to_dict())
 
 
@@ -263,9 +268,9 @@ def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: in
           "config": config.to_json(), "metrics": metrics}
 
 
-def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int):
+def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int, budget_multiplier=0.0):
   tx = steps.make_optimizer(stage, run.config[stage], steps_per_epoch)
-  return create_state(params, stats, tx), tx
+  return create_state(params, stats, tx, budget_multiplier), tx
 
 
 # What a resumed run may change: how long stages run (to extend a finished run) and settings that
@@ -321,6 +326,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
 
   # Where to start: the latest checkpoint, if any.
   stage_index, epoch, batch, global_step, state, tx = 0, 0, 0, 0, None, None
+  budget_multiplier = 0.0  # carried from stage to stage
   sums_so_far, last_metrics = {}, {}
   latest = ckpts.latest_step()
   if latest is not None:
@@ -345,7 +351,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     cfg = config[stage]
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if state is None:
-      state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch)
+      state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch, budget_multiplier)
     state = parallel.replicate(state, mesh)
     step_fn = compiled_step(run, stage, tx, mesh)
     stage_key = jax.random.fold_in(base_key, stage_index)
@@ -410,7 +416,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       if chief:
         tqdm.write(_summary(record))
     epoch = 0
-    params, stats, state = state.params, state.batch_stats, None
+    params, stats, budget_multiplier = state.params, state.batch_stats, state.budget_multiplier
+    state = None
   return last_metrics
 
 

@@ -61,6 +61,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # handed over (docs/method.md).
       entropy_controlled_only=False,
   ))
+  # Beyond the original: a budget of blocks (docs/method.md). With fraction > 0 the policy stages
+  # run at most that fraction of the K blocks per image on average, through a Lagrange multiplier
+  # on the reward (raised by lr times the excess fraction a step once every block is controlled,
+  # lowered below the budget, never below 0); 0: no budget, the original.
+  c.block_budget = ml_collections.ConfigDict(dict(fraction=0.0, lr=0.25))
   c.eval_every = 10  # epochs
   # Checkpoints: at the end of every N-th epoch, of each evaluated epoch (so that the best can be
   # kept) and of each stage's last epoch. Raise N where an epoch is shorter than a save (an Orbax
@@ -92,9 +97,11 @@ def apply_short_run_recipe(c: ml_collections.ConfigDict) -> None:
   the original that the short-run measurements kept (docs/method.md, "Switches beyond the
   original"). Every block starts on, the policy learns ten times faster, a block is handed over
   every step (so that the last blocks, handed over first, are not settled before the others are
-  offered), samples stay close to the greedy policy, no entropy bonus, and smaller penalties for a
-  wrong prediction, so that a few hundred steps learn to drop blocks."""
+  offered), samples stay close to the greedy policy, no entropy bonus, smaller penalties for a
+  wrong prediction, so that a few hundred steps learn to drop blocks, and a budget of 89% of the
+  blocks, so that the block count no longer depends on the seed."""
   c.policy_init_bias = 3.0
+  c.block_budget.fraction = 0.89
   c.curriculum.update(lr=1e-2, steps_per_block=1, alpha=0.9, beta=0.0, penalty=-0.7)
   c.finetune.update(alpha=0.9, penalty=-1.0)
 

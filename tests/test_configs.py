@@ -41,6 +41,7 @@ def test_recipe_is_opt_in_and_combines_with_smoke():
       -1.0, -5.0, 0.8)
   assert (recipe.curriculum.penalty, recipe.finetune.penalty, recipe.finetune.alpha) == (
       -0.7, -1.0, 0.9)
+  assert (original.block_budget.fraction, recipe.block_budget.fraction) == (0.0, 0.89)
   assert recipe.data.train_limit == 48
 
 

@@ -77,3 +77,43 @@ def test_steps_are_jittable_and_deterministic(setup):
   assert step._cache_size() == 1  # the curriculum k is traced: one compilation for all epochs
   jax.tree.map(np.testing.assert_array_equal, a.params, c.params)
   assert int(a.step) == 1 and set(ma) >= {"loss", "reward", "blocks_sampled", "accuracy_sampled"}
+
+
+def test_block_budget_prices_the_blocks_a_sample_runs_beyond_the_greedy_policy(setup):
+  """With multiplier m the advantage is R(sampled) - R(greedy) - m (|sampled| - |greedy|) / K:
+  the policy-gradient term moves by m times the sum of log p'(sampled) times that difference."""
+  nets, params, stats, images, labels = setup
+  loss = steps.PolicyLoss(penalty=-5.0)
+  x = data.to_unit_float(images)
+  key = jax.random.key(6)
+  free = steps.finetune_loss(nets, loss, params, stats, x, labels, key)[0]
+  priced = steps.finetune_loss(nets, loss, params, stats, x, labels, key, budget_multiplier=0.7)[0]
+  log_p, log_not_p, sampled, greedy, _ = steps._policy_pass(nets, loss, params, stats, x, key)
+  log_lik = jnp.sum(sampled * log_p + (1 - sampled) * log_not_p, -1)
+  extra = jnp.mean(sampled, -1) - jnp.mean(greedy, -1)
+  assert float(jnp.abs(extra).sum()) > 0  # the samples differ from the greedy policy
+  np.testing.assert_allclose(priced - free, 0.7 * jnp.sum(log_lik * extra), rtol=1e-4, atol=1e-5)
+
+
+def test_block_budget_multiplier_follows_the_greedy_blocks_once_every_block_is_controlled(setup):
+  nets, params, stats, images, labels = setup
+  K = nets.resnet.num_blocks
+  tx = optax.adam(1e-3)
+  loss = steps.PolicyLoss(block_budget=0.25, budget_lr=2.0)
+  step = jax.jit(lambda s, k: steps.curriculum_step(nets, loss, tx, s, images, labels,
+                                                    jax.random.key(7), k))
+  state = steps.create_state(params, stats, tx)
+  handing_over, _ = step(state, jnp.int32(K - 1))
+  assert float(handing_over.budget_multiplier) == 0.0  # not every block controlled yet
+  raised, metrics = step(state, jnp.int32(K))
+  expected = max(0.0, 2.0 * (float(metrics["blocks_greedy"]) / K - 0.25))
+  assert expected > 0
+  np.testing.assert_allclose(raised.budget_multiplier, expected, rtol=1e-6)
+  assert metrics["budget_multiplier"] == raised.budget_multiplier
+  below = jax.jit(lambda s: steps.curriculum_step(
+      nets, steps.PolicyLoss(block_budget=0.99, budget_lr=2.0), tx, s, images, labels,
+      jax.random.key(7), jnp.int32(K)))(steps.create_state(params, stats, tx, 0.01))[0]
+  assert float(below.budget_multiplier) == 0.0  # lowered, never below 0
+  off, metrics = jax.jit(lambda s: steps.finetune_step(nets, steps.PolicyLoss(), tx, s, images,
+                                                       labels, jax.random.key(7)))(state)
+  assert float(off.budget_multiplier) == 0.0 and "budget_multiplier" not in metrics

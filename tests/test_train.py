@@ -17,9 +17,10 @@ from conftest import REPO, cli_env
 SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
 
 
-# Checkpoints at every step, and the curriculum handing over a block every 2 steps (the smoke
-# config has 3 steps an epoch and K = 3 blocks).
-PER_STEP = ("--config.checkpoint_every_steps=1", "--config.curriculum.steps_per_block=2")
+# Checkpoints at every step, the curriculum handing over a block every 2 steps (the smoke config
+# has 3 steps an epoch and K = 3 blocks), and a block budget, whose multiplier the state carries.
+PER_STEP = ("--config.checkpoint_every_steps=1", "--config.curriculum.steps_per_block=2",
+            "--config.block_budget.fraction=0.2")
 
 # One CPU device: the multi-device runs are tests/test_parallel.py's.
 ENV = cli_env(devices=1)
@@ -75,6 +76,8 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
   assert [r["stage"] for r in records] == ["pretrain", "curriculum", "curriculum", "finetune"]
   # k at the end of each epoch: steps 0-2 hand over 1, 1, 2 blocks, steps 3-5 2, 3, 3.
   assert [r["k"] for r in records if r["stage"] == "curriculum"] == [2, 3]
+  # The budget's multiplier: raised from the curriculum's fifth step on (k = K), carried on.
+  assert 0 < records[2]["train_budget_multiplier"] < records[3]["train_budget_multiplier"]
   assert meta["stage"] == "finetune" and meta["epoch"] == 1
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3

@@ -30,6 +30,11 @@ def test_positive_penalty_is_refused(shared_data):
   assert "must be negative" in _config_error("--config.finetune.penalty=5")
 
 
+def test_block_budget_must_be_a_fraction(shared_data):
+  assert "config.block_budget: fraction (24.0) must be in [0, 1)" in _config_error(
+      "--config.block_budget.fraction=24")
+
+
 def test_batch_larger_than_data(shared_data):
   assert "larger than the 48 training images" in _config_error("--config.curriculum.batch_size=128")
 
