@@ -225,13 +225,13 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
     logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
     logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
   total, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                    logits_greedy, labels, mask, budget_multiplier, entropy=True,
-                                    mean=True)
+                                    logits_greedy, labels, mask, entropy=True, mean=True,
+                                    budget_multiplier=budget_multiplier)
   return total, (metrics, policy_stats)
 
 
 def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                     logits_greedy, labels, mask, budget_multiplier, entropy: bool, mean: bool):
+                     logits_greedy, labels, mask, entropy: bool, mean: bool, budget_multiplier=0.0):
   batch = labels.shape[0]
   correct_sampled = logits_sampled.argmax(-1) == labels
   reward_sampled = rewards.reward(sampled, correct_sampled, loss.penalty)
@@ -291,8 +291,8 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
                                           sampled, train=True)
   ones = jnp.ones((nets.resnet.num_blocks,))
   pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                 logits_greedy, labels, ones, budget_multiplier, entropy=False,
-                                 mean=loss.finetune_pg_mean)
+                                 logits_greedy, labels, ones, entropy=False,
+                                 mean=loss.finetune_pg_mean, budget_multiplier=budget_multiplier)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits_sampled, labels).mean()
   metrics = {**metrics, "cross_entropy": cross_entropy}
   if nets.axis_name is not None and not loss.finetune_pg_mean:
