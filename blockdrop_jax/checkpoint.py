@@ -24,7 +24,7 @@ class RunCheckpoints:
   """The last ``keep`` checkpoints of a run, and separately the best one."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    self.workdir = storage.path(workdir)
+    self.workdir = storage.workdir(workdir)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=False,
@@ -98,7 +98,7 @@ def abstract(tree: Any) -> Any:
 
 def load_run(workdir: str, best: bool = False) -> tuple[steps.Nets, dict, dict, dict]:
   """(nets, params, batch_stats, meta) of a run's latest (or best) checkpoint."""
-  if not (storage.path(workdir) / "checkpoints").is_dir():
+  if not (storage.workdir(workdir) / "checkpoints").is_dir():
     raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
   ckpts = RunCheckpoints(workdir)
   try:

@@ -314,7 +314,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
   mesh = parallel.data_mesh()
   chief = jax.process_index() == 0
   progress = progress and chief
-  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  storage.workdir(workdir).mkdir(parents=True, exist_ok=True)
   train_ds, test_ds = load_data(config)
   validate(config, len(train_ds), jax.device_count())
   base_key = jax.random.key(config.seed)

@@ -43,8 +43,9 @@ def _one_line_error(proc, pattern):
 
 
 def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  from blockdrop_jax import storage
+  return [json.loads(line)
+          for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _final(workdir):
