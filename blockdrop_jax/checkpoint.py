@@ -7,10 +7,12 @@ complete, so a killed run never leaves a half checkpoint that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -18,6 +20,11 @@ import orbax.checkpoint as ocp
 from blockdrop_jax import steps, storage
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
+
+
+# Fields of steps.TrainState added after runs were saved without them, with the value that keeps
+# those runs' behaviour: they restore with it.
+ADDED_STATE_FIELDS = {"budget_multiplier": 0.0}
 
 
 class RunCheckpoints:
@@ -64,11 +71,23 @@ class RunCheckpoints:
     """(state, meta) of ``step``; ``abstract_state`` gives structure, dtypes and shardings."""
     manager = manager or self.last
     try:
+      stored = manager.item_metadata(step)["state"].keys()
+      missing = {name: value for name, value in ADDED_STATE_FIELDS.items() if name not in stored}
+      template = abstract_state
+      if missing:
+        template = {field.name: getattr(abstract_state, field.name)
+                    for field in dataclasses.fields(abstract_state) if field.name not in missing}
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise corrupted(f"{manager.directory}/{step}", e) from e
-    return restored["state"], restored["meta"]
+    state = restored["state"]
+    if missing:
+      added = {name: jax.device_put(jnp.asarray(value, getattr(abstract_state, name).dtype),
+                                    getattr(abstract_state, name).sharding)
+               for name, value in missing.items()}
+      state = type(abstract_state)(**state, **added)
+    return state, restored["meta"]
 
   def close(self) -> None:
     self.last.close()
