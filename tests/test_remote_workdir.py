@@ -13,12 +13,17 @@ from blockdrop_jax import BlockDropError, configs, storage, trainer
 from conftest import REPO
 
 
-def test_unknown_scheme_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workdir, error", [
+    ("bucket://run", "bucket://run: unknown storage scheme bucket://; use a local path or gs://, "
+                     "s3://, az://"),
+    ("s3://bucket/run", "s3://bucket/run: orbax-checkpoint writes checkpoints to local folders and "
+                        "gs:// only")])
+def test_workdirs_that_cannot_hold_a_run_are_refused_before_any_write(workdir, error, tmp_path,
+                                                                      monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = configs.load(os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke", [])
-  with pytest.raises(BlockDropError, match="bucket://run: unknown storage scheme bucket://; use a "
-                                           "local path or gs://, s3://, az://"):
-    trainer.train(config, "bucket://run", progress=False)
+  with pytest.raises(BlockDropError, match=error):
+    trainer.train(config, workdir, progress=False)
   assert os.listdir(tmp_path) == []
 
 
@@ -29,20 +34,10 @@ def test_missing_filesystem_package_is_named(monkeypatch):
     storage.path("gs://bucket/run")
 
 
-
-def test_workdir_where_orbax_cannot_checkpoint_is_refused(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  config = configs.load(os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke", [])
-  with pytest.raises(BlockDropError, match="s3://bucket/run: orbax-checkpoint writes checkpoints "
-                                           "to local folders and gs:// only"):
-    trainer.train(config, "s3://bucket/run", progress=False)
-  assert os.listdir(tmp_path) == []
-
-
 def test_a_run_in_a_bucket_equals_the_local_run(test_records, tmp_path, monkeypatch):
   """train.py and evaluate.py with ``--workdir gs://bucket/run`` against an offline Cloud Storage
-  server: checkpoints, metrics, TensorBoard and the report land in the bucket, the run is the local run's
-  value for value, evaluate.py reads it back, and nothing local is named after the bucket."""
+  server: checkpoints, metrics, TensorBoard and the report land in the bucket, the run is the
+  local run value for value, evaluate.py reads it back, and nothing local is named after it."""
   import gcs_emulator
   import jax
   import numpy as np
