@@ -27,6 +27,11 @@ from blockdrop_jax.models import resnet
 ADDED_STATE_FIELDS = {"budget_multiplier": 0.0}
 
 
+def _item_handlers() -> dict:
+  """A step's items and their formats, known before the first restore (for ``item_metadata``)."""
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 class RunCheckpoints:
   """The last ``keep`` checkpoints of a run, and separately the best one."""
 
@@ -37,12 +42,12 @@ class RunCheckpoints:
         create=True, enable_async_checkpointing=False,
         preservation_policy=policies.LatestN(n=keep))
     self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
-                                      item_names=("state", "meta"))
+                                      item_handlers=_item_handlers())
     best_options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=False,
         preservation_policy=policies.BestN(get_metric_fn=lambda metrics: metrics["score"], n=1))
     self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
-                                      item_names=("state", "meta"))
+                                      item_handlers=_item_handlers())
 
   def save(self, step: int, state: Any, meta: dict, score: Optional[float] = None) -> None:
     """Saves ``state`` (a pytree) and ``meta`` (JSON) as ``step``; also as best when it is."""

@@ -24,6 +24,8 @@ def test_a_state_saved_before_the_block_budget_restores_without_one(tmp_path):
   runs = checkpoint.RunCheckpoints(str(tmp_path))
   runs.save(1, before_the_budget, {"stage": "finetune"})
   runs.save(2, state, {"stage": "finetune"})
+  runs.close()
+  runs = checkpoint.RunCheckpoints(str(tmp_path))  # as a resumed run or evaluate.py opens them
   mesh = parallel.data_mesh()
   template = checkpoint.abstract(parallel.replicate(state, mesh))
   old, meta = runs.restore(1, template)
