@@ -44,8 +44,9 @@ SHORTCUT = flags.DEFINE_enum("shortcut", None, ["A", "avgpool", "projection"],
                              "override the shortcut kind inferred from the keys")
 BEST = flags.DEFINE_bool("best", False, "workdir: the best checkpoint, not the last")
 BASELINES = flags.DEFINE_bool(
-    "baselines", False, "workdir: also the pretrained ResNet the run started from (every "
-    "block), the full network, FirstK and RandomK at the same mean blocks")
+    "baselines", False, "also the references at the same mean blocks (blockdrop_jax/references.py):"
+    " the pretrained ResNet (workdir), the full network, FirstK, RandomK and, for a workdir, the "
+    "best static subset and the run's most frequent policy, chosen on its validation images")
 MODE = flags.DEFINE_enum(
     "mode", EVAL_MODES[0], EVAL_MODES,
     "workdir: how blocks run (same outputs): compact and grouped run only the blocks each image "
@@ -84,7 +85,7 @@ def main(argv) -> int:
       ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
   # A folder or a bucket (gs://...) is a training workdir; load_run says if it is not one.
   if os.path.isdir(CHECKPOINT.value) or storage.is_remote(CHECKPOINT.value) or blockdrop_file:
-    pretrained = None
+    meta = None
     if blockdrop_file:
       nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
                                                               **normalisation)
@@ -92,20 +93,22 @@ def main(argv) -> int:
     else:
       nets, params, stats, meta = checkpoint.load_run(CHECKPOINT.value, best=BEST.value)
       origin = f"{meta['stage']} epoch {meta['epoch']}"
-      if BASELINES.value:
-        from blockdrop_jax import configs, trainer
-        pretrained = trainer.starting_resnet(configs.from_json(meta["config"]))
     result = evaluation.blockdrop_report(nets, params, stats, dataset, BATCH_SIZE.value,
-                                         mode=MODE.value)
+                                         mode=MODE.value, static_keep=checkpoint.static_keep(meta))
     print(f"BlockDrop {nets.resnet.name} ({origin}) on {dataset.source}")
     print(evaluation.format_report(result))
     print(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
           "included; benchmarks/speed.py measures steady state)")
     if BASELINES.value:
-      result["baselines"] = evaluation.baselines(nets, params, stats, dataset,
-                                                 result["blocks_mean"], BATCH_SIZE.value,
-                                                 pretrained=pretrained)
-      print(evaluation.format_baselines(result["baselines"]))
+      from blockdrop_jax import references, trainer
+      if meta is None:  # the original's checkpoint: no config, so no selection images
+        result["baselines"] = references.references(nets, params, stats, dataset,
+                                                    result["blocks_mean"],
+                                                    batch_size=BATCH_SIZE.value)
+      else:
+        result["baselines"] = trainer.run_references(nets, params, stats, meta, dataset,
+                                                     result["blocks_mean"], BATCH_SIZE.value)
+      print(references.format_references(result["baselines"]))
     spec = nets.resnet
     if REPORT.value:
       if blockdrop_file:

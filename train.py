@@ -19,23 +19,24 @@ WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and T
 PROGRESS = flags.DEFINE_bool("progress", True, "progress bars (--noprogress: none)")
 REPORT = flags.DEFINE_bool("report", False,
                            "afterwards, write figures and report.md into WORKDIR/report, and "
-                           "print the references: the pretrained ResNet, FirstK, RandomK")
+                           "print the references: the pretrained ResNet, FirstK, RandomK, the "
+                           "best static subset and the run's most frequent policy")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import evaluation, trainer
+  from blockdrop_jax import references, trainer
   config = configs.finalize(CONFIG.value)
   final = trainer.train(config, WORKDIR.value, progress=PROGRESS.value)
   print(trainer.final_summary(final, WORKDIR.value))
   if REPORT.value:
     from blockdrop_jax import report
-    _, test_ds = trainer.load_data(config)
-    path, references = report.write_report([WORKDIR.value], test_ds,
+    test_ds = trainer.load_data(config)[2]
+    path, refs = report.write_report([WORKDIR.value], test_ds,
                                            os.path.join(WORKDIR.value, "report"),
                                            config.eval_batch_size)
-    print(evaluation.format_baselines(references))
+    print(references.format_references(refs))
     print(f"Figures and report: {path}")
   return 0
 

@@ -143,6 +143,12 @@ def load_run(workdir: str, best: bool = False) -> tuple[steps.Nets, dict, dict, 
   return nets, state.params, state.batch_stats, meta
 
 
+def static_keep(meta: Optional[dict]) -> Optional[np.ndarray]:
+  """The fixed blocks (K,) of a static run's checkpoint; None for BlockDrop runs."""
+  keep = (meta or {}).get("static_keep")
+  return None if keep is None else np.asarray(keep, np.float32)
+
+
 def _initial_params(nets: steps.Nets) -> tuple[dict, dict]:
   """(params, batch_stats) of freshly initialised networks: the structure to restore into."""
   key = jax.random.key(0)

@@ -67,11 +67,17 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A config saved by a run (``ConfigDict.to_json``) on top of today's defaults, so that keys
-  added since then read as their defaults: the original's behaviour."""
+  added since then read as their defaults (the original's behaviour), and keys removed since then
+  (switches that could not change anything) are left out."""
   from configs import default
   config = default.get_config()
-  config.update(json.loads(text))
+  config.update(_known(json.loads(text), config))
   return config
+
+
+def _known(saved: dict, schema: ml_collections.ConfigDict) -> dict:
+  return {key: _known(value, schema[key]) if isinstance(value, dict) else value
+          for key, value in saved.items() if key in schema}
 
 
 def check_keys(config, schema, prefix: str = "config") -> None:

@@ -34,9 +34,29 @@ class Dataset:
 
   def head(self, n: int) -> "Dataset":
     """The first ``n`` examples (without decoding anything for streamed images)."""
-    n = min(n, len(self))
-    images = self.images.take(range(n)) if isinstance(self.images, LazyImages) else self.images[:n]
-    return dataclasses.replace(self, images=images, labels=self.labels[:n])
+    return self.take(np.arange(min(n, len(self))))
+
+  def take(self, indices) -> "Dataset":
+    """The examples at ``indices``, in that order (nothing decoded for streamed images)."""
+    indices = np.asarray(indices, np.int64)
+    images = (self.images.take(indices) if isinstance(self.images, LazyImages)
+              else self.images[indices])
+    return dataclasses.replace(self, images=images, labels=self.labels[indices])
+
+
+def split_validation(train: Dataset, size: int, seed: int) -> tuple[Dataset, Optional[Dataset]]:
+  """(training, validation): ``size`` training examples drawn with ``seed`` are held out for
+  choosing checkpoints, recipes and static references without the test set; the rest keep their
+  order. ``size`` 0: no validation split (None)."""
+  if not size:
+    return train, None
+  if not 0 < size < len(train):
+    raise BlockDropError(f"config.data.validation = {size} must be between 0 and the {len(train)} "
+                         "training images")
+  held_out = np.random.default_rng([seed, 7]).permutation(len(train))[:size]
+  kept = np.setdiff1d(np.arange(len(train)), held_out)
+  return (dataclasses.replace(train.take(kept), source=f"{train.source} without validation"),
+          dataclasses.replace(train.take(np.sort(held_out)), source=f"{train.source} validation"))
 
 
 class LazyImages:

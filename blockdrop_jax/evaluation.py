@@ -68,13 +68,14 @@ def evaluate_resnet(spec: resnet.ResNetSpec, variables, dataset: Dataset, batch_
 # "auto", the default: compact on CPU, masked on GPU, the fastest there in benchmarks/speed.py.
 EVAL_MODES = ("auto", "compact", "grouped", "masked")
 _greedy_eval = compilation.jit(steps.greedy_eval, static_argnums=(0, 5))
-_resnet_eval = compilation.jit(steps.resnet_eval, static_argnums=0)
+_resnet_eval = compilation.jit(steps.resnet_eval, static_argnums=(0, 5))
 _greedy_policy = compilation.jit(steps.greedy_policy, static_argnums=0)
 
 
 def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_size: int = 250,
                      k: Optional[int] = None, progress: bool = True, mode: str = "auto",
-                     grouped_window: Optional[int] = None) -> dict:
+                     grouped_window: Optional[int] = None,
+                     static_keep: Optional[np.ndarray] = None) -> dict:
   """What the original ``test.py`` prints, plus per-image predictions, policies and images/s.
 
   FLOPs/img counts the policy network and only the blocks each image runs (docs/method.md).
@@ -84,7 +85,15 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
   (``execution.GroupedExecutor``), grouping within windows of ``grouped_window`` images (default
   8 batches: larger windows make larger groups, and hold that many decoded images in memory).
   The same outputs at different speeds (benchmarks/speed.py). "auto" is compact where that
-  pays (``execution.compact_pays``: CPU), else masked; the report's "mode" names the one used."""
+  pays (``execution.compact_pays``: CPU), else masked; the report's "mode" names the one used.
+  A static run (``static_keep``: its fixed subset of blocks, (K,)) runs that subset for every
+  image, without the policy network ("mode": "static")."""
+  if static_keep is not None:
+    policies = np.broadcast_to(np.asarray(static_keep, np.float32),
+                               (len(dataset), nets.resnet.num_blocks))
+    start = time.perf_counter()
+    report = fixed_policy_report(nets, params, stats, dataset, policies, batch_size, progress)
+    return {**report, "mode": "static", "images_per_s": len(dataset) / (time.perf_counter() - start)}
   if batch_size < 1 or (grouped_window is not None and grouped_window < 1):
     raise ValueError(f"batch_size ({batch_size}) and grouped_window ({grouped_window}) must be "
                      "at least 1")
@@ -130,9 +139,11 @@ def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, polic
 
 def resnet_logits(nets: steps.Nets, params, stats, dataset: Dataset, policies: np.ndarray,
                   batch_size: int = 250, progress: bool = True) -> np.ndarray:
-  """Logits of the ResNet alone (inference mode) under given per-image policies."""
-  return batched(lambda x, p: _resnet_eval(nets, params, stats, x, p), (dataset.images, policies),
-                 min(batch_size, len(dataset)), progress=progress)
+  """Logits of the ResNet alone (inference mode) under given per-image policies, each block run
+  only for the images that keep it where that pays (``execution.compact_pays``)."""
+  compact = execution.resolve_auto("auto") == "compact"
+  return batched(lambda x, p: _resnet_eval(nets, params, stats, x, p, compact),
+                 (dataset.images, policies), min(batch_size, len(dataset)), progress=progress)
 
 
 def _report(logits, policies, dataset: Dataset, per_image_flops) -> dict:
@@ -162,49 +173,3 @@ def format_report(report: dict) -> str:
       f"FLOPs/img: {report['flops_mean']:.2E} \u00b1 {report['flops_std']:.2E}",
       f"Unique Policies: {report['unique_policies']}",
   ])
-
-
-def fixed_k_reports(nets: steps.Nets, params, stats, dataset: Dataset, k: int,
-                    batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict:
-  """The paper's baselines at k blocks, with the weights in ``params``: ``first{k}`` (every image
-  runs the first k blocks) and ``random{k}`` (each image runs k blocks drawn at random with
-  ``seed``). Reports without their per-image policies."""
-  n, K = len(dataset), nets.resnet.num_blocks
-  first = np.broadcast_to((np.arange(K) < k).astype(np.float32), (n, K))
-  rng = np.random.default_rng(seed)
-  random = np.zeros((n, K), np.float32)
-  for row in random:
-    row[rng.choice(K, k, replace=False)] = 1.0
-  reports = {}
-  for name, policies in ((f"first{k}", first), (f"random{k}", random)):
-    report = fixed_policy_report(nets, params, stats, dataset, policies, batch_size, progress)
-    reports[name] = {key: value for key, value in report.items() if key != "policies"}
-  return reports
-
-
-def baselines(nets: steps.Nets, params, stats, dataset: Dataset, mean_blocks: float,
-              batch_size: int = 250, seed: int = 0, progress: bool = True,
-              pretrained: Optional[tuple[resnet.ResNetSpec, dict]] = None) -> dict:
-  """BlockDrop's references: ``pretrained`` (the ResNet as the run started, every block: its
-  (spec, variables), if given), the full network and FirstK/RandomK at k = round(mean blocks of a
-  BlockDrop policy), these three with the run's own ResNet weights."""
-  K, n = nets.resnet.num_blocks, len(dataset)
-  every_block = np.ones((n, K), np.float32)
-  references = {}
-  if pretrained is not None:
-    spec, variables = pretrained
-    references["pretrained"] = fixed_policy_report(
-        steps.Nets(spec), {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]},
-        dataset, every_block, batch_size, progress)
-  references["full"] = fixed_policy_report(nets, params, stats, dataset, every_block, batch_size,
-                                           progress)
-  references = {name: {key: value for key, value in report.items() if key != "policies"}
-                for name, report in references.items()}
-  return {**references, **fixed_k_reports(nets, params, stats, dataset, int(round(mean_blocks)),
-                                          batch_size, seed, progress)}
-
-
-def format_baselines(references: dict) -> str:
-  """One line per reference of ``baselines``."""
-  return "\n".join(f"{name}: Accuracy: {r['accuracy']:.3f}  Blocks: {r['blocks_mean']:.2f}  "
-                   f"FLOPs/img: {r['flops_mean']:.2E}" for name, r in references.items())

@@ -64,10 +64,13 @@ def global_batch(mesh: Mesh, *local_arrays):
   return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)
 
 
-def sharded_step(step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-  """``step(state, images, labels, key, k) -> (state, metrics)`` jitted over the mesh."""
+def sharded_step(step: Callable, mesh: Mesh, donate: bool = True,
+                 replicated_args: int = 2) -> Callable:
+  """``step(state, images, labels, key, k, ...) -> (state, metrics)`` jitted over the mesh: the
+  batch split, the state and the ``replicated_args`` arguments after the labels (key, k and any
+  further, such as a distillation teacher) replicated."""
   rep, data = replicated(mesh), batch_sharded(mesh)
-  return compilation.jit(step, in_shardings=(rep, data, data, rep, rep),
+  return compilation.jit(step, in_shardings=(rep, data, data) + (rep,) * replicated_args,
                          out_shardings=(rep, rep), donate_argnums=0 if donate else ())
 
 

@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blockdrop_jax import checkpoint, configs, evaluation, flops, storage, trainer  # noqa: E402
+from blockdrop_jax import (checkpoint, configs, evaluation, flops, references, storage,  # noqa: E402
+                           trainer)
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -36,7 +37,8 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 def tradeoff_figure(points: dict, baselines: dict, full_accuracy: float, full_flops: float,
                     out_dir: str) -> str:
-  """(a) accuracy against FLOPs/img: each run, the full network, FirstK and RandomK curves."""
+  """(a) accuracy against FLOPs/img: each run, the full network, and the FirstK, RandomK and
+  static-subset curves ({name: {k: (FLOPs, accuracy)}})."""
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for label, (fl, acc) in points.items():
     ax.scatter(fl, 100 * acc, s=60, zorder=3, label=f"BlockDrop {label}")
@@ -183,26 +185,33 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
                  class_names: Sequence[str] = CIFAR10_CLASSES,
                  progress: bool = False) -> tuple[str, dict]:
   """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path
-  and the first run's references (``evaluation.baselines``)."""
+  and the first run's references (``trainer.run_references``)."""
   storage.path(out_dir).mkdir(parents=True, exist_ok=True)
   reports, main = {}, None
   for run in runs:
     nets, params, stats, meta = checkpoint.load_run(run)
-    report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress)
+    report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress,
+                                         static_keep=checkpoint.static_keep(meta))
     reports[storage.path(run).name] = report
     if main is None:
-      main = (run, nets, params, stats, report)
-  run, nets, params, stats, report = main
+      main = (run, nets, params, stats, meta, report)
+  run, nets, params, stats, meta, report = main
   K = nets.resnet.num_blocks
   n = len(dataset)
   table = flops.flops_table(nets.resnet)
-  ks = sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)})
-  curves: dict = {"FirstK": {}, "RandomK": {}}
-  for k in ks:
-    reports_at_k = evaluation.fixed_k_reports(nets, params, stats, dataset, k, batch_size,
-                                              progress=progress)
+  k_run = int(round(report["blocks_mean"]))
+  refs = trainer.run_references(nets, params, stats, meta, dataset, report["blocks_mean"],
+                                batch_size, more_static=tuple(range(k_run, K, 2)))
+  curves: dict = {"FirstK": {}, "RandomK": {}, "static subset": {}}
+  for k in sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)}):
+    fixed = references.fixed_k_policies(n, K, k)
     for name, key in (("FirstK", f"first{k}"), ("RandomK", f"random{k}")):
-      curves[name][k] = (reports_at_k[key]["flops_mean"], reports_at_k[key]["accuracy"])
+      r = evaluation.fixed_policy_report(nets, params, stats, dataset, fixed[key], batch_size,
+                                         progress)
+      curves[name][k] = (r["flops_mean"], r["accuracy"])
+  for name, r in refs.items():
+    if name.startswith("static"):
+      curves["static subset"][int(name.removeprefix("static"))] = (r["flops_mean"], r["accuracy"])
   full = curves["FirstK"][K]
   policies = np.asarray(report["policies"], np.float32)
   blocks = policies.sum(1)
@@ -221,19 +230,19 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
                      ("Policy training", policy_training_figure(_records(run), out_dir))):
     if png:
       figures[title] = png
-  references = evaluation.baselines(
-      nets, params, stats, dataset, report["blocks_mean"], batch_size, progress=progress,
-      pretrained=trainer.starting_resnet(configs.from_json(meta["config"])))
+  held_out = configs.from_json(meta["config"]).data.validation
+  chosen_on = (f"its {held_out} validation images" if held_out else
+               "its first 500 training images (the run holds no validation images out)")
   lines = [f"# BlockDrop report: {', '.join(reports)}", "",
            f"Data: {dataset.source} ({n} images). `pretrained` is the ResNet "
-           f"`{storage.path(run).name}` started from; FirstK/RandomK and the full network use its "
-           "own final weights with fixed policies. FLOPs/img of BlockDrop include the policy "
-           "network.", "",
+           f"`{storage.path(run).name}` started from; the other references use its own final "
+           "weights with fixed policies: FirstK, RandomK, the best static subsets (`static{k}`) "
+           f"and the run's most frequent policy (`mode`), both chosen on {chosen_on}. FLOPs/img of BlockDrop include the policy network.", "",
            "| run | accuracy | blocks | FLOPs/img | unique policies |", "|---|---|---|---|---|"]
-  for name, r in {**reports, **references}.items():
+  for name, r in {**reports, **refs}.items():
     lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['blocks_mean']:.2f} \u00b1 "
                  f"{r['blocks_std']:.2f} | {r['flops_mean']:.3E} | {r['unique_policies']} |")
   for title, png in figures.items():
     lines += ["", f"## {title}", "", f"![{title}]({png})"]
   (storage.path(out_dir) / "report.md").write_text("\n".join(lines) + "\n")
-  return os.path.join(out_dir, "report.md"), references
+  return os.path.join(out_dir, "report.md"), refs

@@ -29,11 +29,9 @@ def bounded_log_probs(logits, alpha: float):
           jnp.logaddexp(log_not_a + log_p, log_a + log_not_p))
 
 
-def greedy_policy(logits, alpha: float, from_bounded: bool = False):
-  """u_map = (p >= 0.5). The original thresholds the unbounded p; for alpha > 0.5 the bounded p'
-  crosses 0.5 at the same logit, for alpha < 0.5 the decision flips."""
-  if from_bounded and alpha < 0.5:
-    return (logits <= 0).astype(jnp.float32)
+def greedy_policy(logits):
+  """u_map = (p >= 0.5), from the unbounded p as the original; the bounded p' (alpha in (0.5, 1],
+  the only values the config takes) crosses 0.5 at the same logit."""
   return (logits >= 0).astype(jnp.float32)
 
 

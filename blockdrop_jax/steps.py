@@ -66,6 +66,28 @@ def make_optimizer(stage: str, cfg, steps_per_epoch: int) -> optax.GradientTrans
 
 
 @dataclasses.dataclass(frozen=True)
+class Distillation:
+  """Beyond the original: the ResNet also learns the softened outputs of a teacher (the ResNet a
+  stage starts from, every block): (1 - weight) cross-entropy + weight T^2 KL(teacher || student)
+  at temperature T. Weight 0: cross-entropy alone, the original."""
+
+  weight: float = 0.0
+  temperature: float = 4.0
+
+
+def classification_loss(distillation: Distillation, logits, labels, teacher_logits=None):
+  """The ResNet's loss on a batch: mean cross-entropy, with ``distillation`` from
+  ``teacher_logits`` (needed when its weight is not 0)."""
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  if not distillation.weight:
+    return cross_entropy
+  t = distillation.temperature
+  kl = optax.losses.kl_divergence(jax.nn.log_softmax(logits / t),
+                                  jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / t)).mean()
+  return (1 - distillation.weight) * cross_entropy + distillation.weight * t * t * kl
+
+
+@dataclasses.dataclass(frozen=True)
 class PolicyLoss:
   """The BlockDrop objective. Defaults are the original's quirks (docs/method.md)."""
 
@@ -75,7 +97,6 @@ class PolicyLoss:
   full_entropy: bool = False  # original: only the -p' log p' half of the Bernoulli entropy
   # original: the entropy bonus is summed over all K blocks, also those the curriculum forces on
   entropy_controlled_only: bool = False
-  greedy_from_bounded: bool = False  # original: greedy baseline from the unbounded p
   finetune_pg_mean: bool = False  # original: finetune policy-gradient term summed over the batch
   # Beyond the original: at most this fraction of the K blocks per image on average (0: no
   # budget). The reward then pays ``budget_multiplier * |u|_1 / K`` less per image; the multiplier
@@ -83,6 +104,7 @@ class PolicyLoss:
   # below it (dual ascent, ``budget_lr`` a step), once the policy controls every block.
   block_budget: float = 0.0
   budget_lr: float = 0.25
+  distillation: Distillation = Distillation()  # finetuning's classification loss
 
 
 CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (execution.resolve_auto)
@@ -168,14 +190,27 @@ def _update_budget_multiplier(loss: PolicyLoss, state: TrainState, metrics: dict
   return state, {**metrics, "budget_multiplier": state.budget_multiplier}
 
 
-def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key):
-  """Cross-entropy training of the full ResNet (BatchNorm in training mode)."""
+def _teacher_logits(nets: Nets, teacher, x):
+  """Logits of the distillation teacher ({'params', 'batch_stats'} of a ResNet of ``nets``'s
+  architecture, every block, inference mode); None without one."""
+  if teacher is None:
+    return None
+  return jax.lax.stop_gradient(
+      _forward(nets, nets.resnet, teacher["params"], teacher["batch_stats"], x)[0])
+
+
+def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key, keep=None, teacher=None,
+                  distillation: Distillation = Distillation()):
+  """Training of the ResNet alone (BatchNorm in training mode): every block, or the fixed subset
+  ``keep`` (K,) for every image (the static reference), with cross-entropy or ``distillation``
+  from ``teacher``."""
   x = _inputs(nets, key, images)
+  policy = None if keep is None else jnp.broadcast_to(keep, (x.shape[0], keep.shape[-1]))
 
   def loss_fn(params):
     logits, stats = _forward(nets, nets.resnet, params["resnet"], state.batch_stats["resnet"], x,
-                             train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                             policy, train=True)
+    loss = classification_loss(distillation, logits, labels, _teacher_logits(nets, teacher, x))
     return loss, (logits, stats)
 
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -192,7 +227,7 @@ def _policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
   uniforms = _this_devices_draws(
       nets, lambda k, n: jax.random.uniform(k, (n, logits.shape[1])), key, logits.shape[0])
   sampled = jax.lax.stop_gradient(rewards.sample_policy(key, log_p, uniforms))
-  greedy = rewards.greedy_policy(jax.lax.stop_gradient(logits), loss.alpha, loss.greedy_from_bounded)
+  greedy = rewards.greedy_policy(jax.lax.stop_gradient(logits))
   return log_p, log_not_p, sampled, greedy, policy_stats
 
 
@@ -279,10 +314,11 @@ def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images,
 
 
 def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
-                  budget_multiplier=0.0):
+                  budget_multiplier=0.0, teacher_logits=None):
   """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
-  sampled pass. Both ResNet passes run with BatchNorm in training mode, greedy first, as the
-  original does; gradients reach the ResNet only through the sampled pass."""
+  sampled pass (or with ``loss.distillation`` from ``teacher_logits``). Both ResNet passes run
+  with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
+  only through the sampled pass."""
   log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
   logits_greedy, resnet_stats = _forward(nets, nets.resnet, jax.lax.stop_gradient(params["resnet"]),
                                          stats["resnet"], x, greedy, train=True)
@@ -293,7 +329,7 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
                                  logits_greedy, labels, ones, entropy=False,
                                  mean=loss.finetune_pg_mean, budget_multiplier=budget_multiplier)
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits_sampled, labels).mean()
+  cross_entropy = classification_loss(loss.distillation, logits_sampled, labels, teacher_logits)
   metrics = {**metrics, "cross_entropy": cross_entropy}
   if nets.axis_name is not None and not loss.finetune_pg_mean:
     # Gradients are averaged over devices; a sum over the global batch is n times that average.
@@ -301,13 +337,16 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   return pg + cross_entropy, (metrics, {"policy": policy_stats, "resnet": resnet_stats})
 
 
-def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key):
-  """One joint update of the policy network and the ResNet."""
+def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key,
+                  teacher=None):
+  """One joint update of the policy network and the ResNet (``teacher``: the ResNet that
+  ``loss.distillation`` distils from)."""
   aug_key, sample_key = jax.random.split(key)
   x = _inputs(nets, aug_key, images)
+  teacher_logits = _teacher_logits(nets, teacher, x)
   grad_fn = jax.value_and_grad(
       lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key,
-                              state.budget_multiplier), has_aux=True)
+                              state.budget_multiplier, teacher_logits), has_aux=True)
   (total, (metrics, stats)), grads = grad_fn(state.params)
   grads = _mean_over_devices(grads, nets.axis_name)
   new_state = _apply_updates(state, tx, grads, stats)
@@ -329,13 +368,14 @@ def greedy_eval(nets: Nets, params, stats, images, k=None, compact: bool = False
   """Test-time BlockDrop: (logits, policy) of uint8 images, both nets in inference mode; with
   ``compact`` each block runs only for the images that keep it (same logits, less time)."""
   policy = greedy_policy(nets, params, stats, images, k)
-  if not compact:
-    return resnet_eval(nets, params, stats, images, policy), policy
-  variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-  return execution.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy), policy
+  return resnet_eval(nets, params, stats, images, policy, compact), policy
 
 
-def resnet_eval(nets: Nets, params, stats, images, policy=None):
-  """Logits of the ResNet alone (inference mode) under an optional fixed policy."""
+def resnet_eval(nets: Nets, params, stats, images, policy=None, compact: bool = False):
+  """Logits of the ResNet alone (inference mode) under an optional fixed policy; with
+  ``compact`` (and a policy) each block runs only for the images that keep it."""
+  if compact and policy is not None:
+    variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
+    return execution.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy)
   return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], _test_inputs(nets, images),
                   policy)[0]

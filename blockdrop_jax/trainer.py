@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from blockdrop_jax import (checkpoint, configs, convert, curriculum, evaluation, parallel, registry,
-                           steps, storage)
-from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched
+import numpy as np
+
+from blockdrop_jax import (checkpoint, configs, convert, curriculum, evaluation, flops, parallel,
+                           references, registry, steps, storage)
+from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched, split_validation
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 from blockdrop_jax.steps import Nets, PolicyLoss, TrainState, create_state
@@ -38,7 +40,12 @@ class Run:
   config: ml_collections.ConfigDict
   nets: Nets
   train: Dataset
+  validation: Optional[Dataset]  # held out from the training images (config.data.validation)
   test: Dataset
+  # The ResNet the run starts from ({'params', 'batch_stats'}): finetuning's distillation teacher.
+  starting_resnet: dict
+  # The static reference's fixed subset of blocks (K,), once chosen; None for BlockDrop.
+  static_keep: Optional[np.ndarray] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +61,10 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
   if "pretrain" not in stages and not (config.base.checkpoint or config.init_from):
     raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
                          "earlier run in config.init_from, or add 'pretrain' to config.stages")
+  ft = config.finetune
+  if "pretrain" in stages and (ft.distill_weight or ft.static_fraction):
+    raise BlockDropError("config.finetune.distill_weight and static_fraction start from a trained "
+                         "ResNet: pretrain in one run, then finetune with --config.init_from=RUN")
   if "pretrain" in stages and not config.base.arch:
     raise BlockDropError("config.base.arch is empty: pretraining needs an architecture, e.g. "
                          "--config.base.arch=cifar_resnet32")
@@ -65,6 +76,16 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
                     ("log_every_steps", "steps")):
     if not isinstance(config[key], int) or config[key] < 1:
       raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of {unit}")
+  if not 0.0 <= ft.distill_weight <= 1.0 or ft.distill_temperature <= 0:
+    raise BlockDropError(f"config.finetune: distill_weight ({ft.distill_weight}) must be in [0, 1] "
+                         f"(0: no distillation) and distill_temperature ({ft.distill_temperature}) "
+                         "positive")
+  if not 0.0 <= ft.static_fraction < 1.0:
+    raise BlockDropError(f"config.finetune.static_fraction = {ft.static_fraction} must be in "
+                         "[0, 1) (0: BlockDrop's finetuning)")
+  if ft.static_fraction and not config.data.validation:
+    raise BlockDropError("config.finetune.static_fraction chooses its blocks on validation images: "
+                         "set config.data.validation (e.g. 500)")
   budget = config.block_budget
   if not 0.0 <= budget.fraction < 1.0 or budget.lr <= 0:
     raise BlockDropError(f"config.block_budget: fraction ({budget.fraction}) must be in [0, 1) "
@@ -89,7 +110,8 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
                            f"{n_train} training images; lower it")
 
 
-def load_data(config) -> tuple[Dataset, Dataset]:
+def load_data(config) -> tuple[Dataset, Optional[Dataset], Dataset]:
+  """(training, validation or None, test) datasets of ``config``."""
   d = config.data
   if not d.train or not d.test:
     raise BlockDropError("config.data.train / config.data.test is empty: give a CIFAR file, folder "
@@ -97,8 +119,9 @@ def load_data(config) -> tuple[Dataset, Dataset]:
   kwargs = dict(dataset=d.dataset, data_dir=d.data_dir or None, download=d.download)
   train = load_dataset(d.train, d.train_split, **kwargs)
   test = load_dataset(d.test, d.test_split, **kwargs)
-  return (train.head(d.train_limit) if d.train_limit else train,
-          test.head(d.test_limit) if d.test_limit else test)
+  train, validation = split_validation(train.head(d.train_limit) if d.train_limit else train,
+                                       d.validation, config.seed)
+  return train, validation, test.head(d.test_limit) if d.test_limit else test
 
 
 def initial_variables(config, key) -> tuple[Nets, dict, dict]:
@@ -138,6 +161,25 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
 
 
+def selection_images(config) -> Dataset:
+  """The images a run's choices are made on, never the test set: its validation split, or,
+  without one, its first 500 training images (the run trained on them)."""
+  train, validation, _ = load_data(config)
+  return validation if validation is not None else train.head(500)
+
+
+def run_references(nets: Nets, params, stats, meta: dict, dataset: Dataset, mean_blocks: float,
+                   batch_size: int = 250, more_static: tuple[int, ...] = ()) -> dict:
+  """``references.references`` of a run's checkpoint (``meta``): against the ResNet it started
+  from, with its static subsets and mode chosen on its ``selection_images``."""
+  config = configs.from_json(meta["config"])
+  return references.references(nets, params, stats, dataset, mean_blocks,
+                               selection=selection_images(config),
+                               pretrained=starting_resnet(config), batch_size=batch_size,
+                               more_static=more_static,
+                               mode=checkpoint.static_keep(meta) is None)
+
+
 def starting_resnet(config) -> Optional[tuple[resnet.ResNetSpec, dict]]:
   """(spec, variables) of the ResNet a run of ``config`` starts from, before any of its training:
   its base file or its ``init_from`` run; None if it pretrains its own."""
@@ -151,22 +193,48 @@ def policy_loss(config, stage: str) -> PolicyLoss:
   cfg = config[stage]
   return PolicyLoss(alpha=cfg.alpha, beta=cfg.get("beta", 0.0), penalty=cfg.penalty,
                     block_budget=config.block_budget.fraction, budget_lr=config.block_budget.lr,
-                    **config.quirks.to_dict())
+                    distillation=distillation(config, stage), **config.quirks.to_dict())
+
+
+def distillation(config, stage: str) -> steps.Distillation:
+  if stage != "finetune":
+    return steps.Distillation()
+  return steps.Distillation(config.finetune.distill_weight, config.finetune.distill_temperature)
 
 
 def compiled_step(run: Run, stage: str, tx, mesh):
   """The step of ``stage``, (state, images, labels, key, k) -> (state, metrics), jitted over the
-  data-parallel ``mesh``."""
+  data-parallel ``mesh``: pretraining, the curriculum, BlockDrop's joint finetuning, or the
+  static reference's finetuning under ``run.static_keep``."""
   nets = dataclasses.replace(run.nets, mesh=mesh)
+  distill = distillation(run.config, stage)
   if stage == "pretrain":
-    fn = lambda s, x, y, key, k: steps.pretrain_step(nets, tx, s, x, y, key)
+    fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key)
   elif stage == "curriculum":
     loss = policy_loss(run.config, stage)
-    fn = lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
+    fn = lambda s, x, y, key, k, teacher: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
+  elif run.static_keep is not None:
+    keep = jnp.asarray(run.static_keep)
+    fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key, keep,
+                                                              teacher, distill)
   else:
     loss = policy_loss(run.config, stage)
-    fn = lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key)
-  return parallel.sharded_step(fn, mesh)
+    fn = lambda s, x, y, key, k, teacher: steps.finetune_step(nets, loss, tx, s, x, y, key,
+                                                              teacher)
+  step = parallel.sharded_step(fn, mesh, replicated_args=3)
+  teacher = parallel.replicate(run.starting_resnet, mesh) if distill.weight else None
+  return lambda s, x, y, key, k: step(s, x, y, key, k, teacher)
+
+
+def choose_static_subset(run: Run) -> np.ndarray:
+  """The static reference's blocks: round(static_fraction K) of the starting ResNet's, by greedy
+  backward elimination on the validation images (``references.greedy_elimination``)."""
+  K = run.nets.resnet.num_blocks
+  k = max(1, int(round(run.config.finetune.static_fraction * K)))
+  params = {"resnet": run.starting_resnet["params"]}
+  stats = {"resnet": run.starting_resnet["batch_stats"]}
+  return references.greedy_elimination(run.nets, params, stats, run.validation, k,
+                                       run.config.eval_batch_size)[k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,21 +242,36 @@ def compiled_step(run: Run, stage: str, tx, mesh):
 
 
 def evaluate_stage(run: Run, stage: str, state: TrainState, k: Optional[int]) -> dict:
-  """Test metrics: plain accuracy for pretraining, the BlockDrop report otherwise.
+  """Validation (``val_*``, where the run holds images out) and test (``test_*``) metrics: plain
+  accuracy for pretraining, the BlockDrop report otherwise.
 
   Runs on one device of each process with host copies of the (replicated) weights."""
   params, stats = jax.device_get((state.params, state.batch_stats))
-  if stage == "pretrain":
-    result = evaluation.evaluate_resnet(
-        run.nets.resnet, {"params": params["resnet"], "batch_stats": stats["resnet"]},
-        run.test, run.config.eval_batch_size, progress=False)
-    return {"test_accuracy": result["accuracy"]}
-  forced = k if stage == "curriculum" and k < run.nets.resnet.num_blocks else None
-  report = evaluation.blockdrop_report(run.nets, params, stats, run.test,
-                                       run.config.eval_batch_size, k=forced, progress=False)
-  return {f"test_{key}": value for key, value in report.items()
-          if key in ("accuracy", "blocks_mean", "blocks_std", "flops_mean", "flops_std",
-                     "unique_policies")}
+  splits = {"val": run.validation, "test": run.test}
+  metrics = {"flops_full": float(flops.flops_table(run.nets.resnet).full)}
+  for prefix, dataset in splits.items():
+    if dataset is None:
+      continue
+    if stage == "pretrain":
+      result = evaluation.evaluate_resnet(
+          run.nets.resnet, {"params": params["resnet"], "batch_stats": stats["resnet"]},
+          dataset, run.config.eval_batch_size, progress=False)
+      metrics[f"{prefix}_accuracy"] = result["accuracy"]
+      continue
+    forced = k if stage == "curriculum" and k < run.nets.resnet.num_blocks else None
+    report = evaluation.blockdrop_report(run.nets, params, stats, dataset,
+                                         run.config.eval_batch_size, k=forced, progress=False,
+                                         static_keep=run.static_keep)
+    metrics.update({f"{prefix}_{key}": value for key, value in report.items()
+                    if key in ("accuracy", "blocks_mean", "blocks_std", "flops_mean", "flops_std",
+                               "unique_policies")})
+  return metrics
+
+
+def selection_score(record: dict) -> float:
+  """What ``best/`` keeps the highest of: validation accuracy, or, without a validation split,
+  test accuracy (the original's choice)."""
+  return record.get("val_accuracy", record["test_accuracy"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,13 +342,16 @@ class PendingMetrics:
 
 
 
-def _meta(config, nets: Nets, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
+def _meta(run: Run, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
           epoch_sums: Optional[dict] = None):
-  """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics."""
+  """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics;
+  ``static_keep``: a static run's fixed blocks (evaluation runs them)."""
+  config, nets = run.config, run.nets
+  static_keep = None if run.static_keep is None else [float(v) for v in run.static_keep]
   return {"stage_index": stage_index, "stage": tuple(config.stages)[stage_index], "epoch": epoch,
           "batch": batch, "global_step": step, "seed": config.seed, "epoch_sums": epoch_sums or {},
           "resnet_spec": nets.resnet.to_json(), "policy_spec": nets.policy.to_json(),
-          "config": config.to_json(), "metrics": metrics}
+          "config": config.to_json(), "metrics": metrics, "static_keep": static_keep}
 
 
 def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int, budget_multiplier=0.0):
@@ -315,11 +401,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
   chief = jax.process_index() == 0
   progress = progress and chief
   storage.workdir(workdir).mkdir(parents=True, exist_ok=True)
-  train_ds, test_ds = load_data(config)
+  train_ds, validation_ds, test_ds = load_data(config)
   validate(config, len(train_ds), jax.device_count())
   base_key = jax.random.key(config.seed)
   nets, params, stats = initial_variables(config, base_key)
-  run = Run(config, nets, train_ds, test_ds)
+  run = Run(config, nets, train_ds, validation_ds, test_ds,  # a host copy: steps donate their state
+            jax.device_get({"params": params["resnet"], "batch_stats": stats["resnet"]}))
   ckpts = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
   closing.callback(ckpts.close)
   stages = tuple(config.stages)
@@ -338,6 +425,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     stage_index, epoch, batch, global_step = (meta["stage_index"], meta["epoch"], meta["batch"],
                                               meta["global_step"])
     sums_so_far, last_metrics = meta["epoch_sums"], meta["metrics"]
+    if meta.get("static_keep") is not None:
+      run.static_keep = np.asarray(meta["static_keep"], np.float32)
     steps_per_epoch = len(train_ds) // config[stages[stage_index]].batch_size
     template, tx = _fresh_state(run, stages[stage_index], params, stats, steps_per_epoch)
     state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
@@ -352,6 +441,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if state is None:
       state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch, budget_multiplier)
+      if stage == "finetune" and config.finetune.static_fraction:
+        run.static_keep = choose_static_subset(run)
     state = parallel.replicate(state, mesh)
     step_fn = compiled_step(run, stage, tx, mesh)
     stage_key = jax.random.fold_in(base_key, stage_index)
@@ -391,7 +482,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
                            if n in shown})
         if save:
           saving = time.perf_counter()
-          ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch, b + 1,
+          ckpts.save(global_step, state, _meta(run, stage_index, epoch, b + 1,
                                                global_step, last_metrics, pending.sums))
           started += time.perf_counter() - saving  # not step time
       sums = pending.sums
@@ -406,12 +497,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       if evaluated:
         record.update(evaluate_stage(run, stage, state, k))
         # Only full-control (k = K) BlockDrop policies compete for "best".
-        score = record["test_accuracy"] if k == K else None
+        score = selection_score(record) if k == K else None
       last_metrics = record
       if log:
         log.write(record)
       if evaluated or (epoch + 1) % config.checkpoint_every_epochs == 0:
-        ckpts.save(global_step, state, _meta(config, nets, stage_index, epoch + 1, 0, global_step,
+        ckpts.save(global_step, state, _meta(run, stage_index, epoch + 1, 0, global_step,
                                              record), score if stage != "pretrain" else None)
       if chief:
         tqdm.write(_summary(record))
@@ -435,7 +526,7 @@ def epoch_throughput(seconds: float, steps: int, batch_size: int) -> dict:
 def _summary(record: dict) -> str:
   parts = [f"{record['stage']} epoch {record['epoch']}"]
   for key, value in record.items():
-    if (key.startswith(("train_", "test_")) and isinstance(value, float)
+    if (key.startswith(("train_", "val_", "test_")) and isinstance(value, float)
         and not key.startswith("train_keep_probability_")):  # per block: in the report's figure
       parts.append(f"{key}={value:.4g}")
   return " ".join(parts)
@@ -450,6 +541,10 @@ def final_summary(metrics: dict, workdir: str) -> str:
         "blocks_std": metrics["test_blocks_std"], "flops_mean": metrics["test_flops_mean"],
         "flops_std": metrics.get("test_flops_std", 0.0),
         "unique_policies": metrics["test_unique_policies"]}))
+    if "flops_full" in metrics:
+      share = metrics["test_flops_mean"] / metrics["flops_full"]
+      lines.append(f"FLOPs: {100 * share:.1f}% of the full ResNet's {metrics['flops_full']:.2E} "
+                   f"per image, policy network included: {100 * (1 - share):.1f}% saved")
   elif "test_accuracy" in metrics:
     lines.append(f"Accuracy: {metrics['test_accuracy']:.3f}")
   lines.append(f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (best: "

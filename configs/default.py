@@ -1,7 +1,9 @@
 """Defaults shared by every experiment: the original BlockDrop hyper-parameters (docs/method.md).
 
 Experiments import this and override. Variants: ``configs/NAME.py:smoke`` shrinks a config to
-a seconds-long run for tests; ``:recipe`` applies the short-run recipe; ``:recipe,smoke`` both.
+a seconds-long run for tests; ``:recipe`` applies the short-run recipe; ``:static`` makes the
+static-subset reference of a config (``:recipe,static`` that of the recipe); several combine
+(``:recipe,smoke``).
 """
 
 import ml_collections
@@ -34,7 +36,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.policy_input_pool = 0
   c.data = ml_collections.ConfigDict(dict(
       train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
-      data_dir="", download=False, train_limit=0, test_limit=0, augment=True))
+      data_dir="", download=False, train_limit=0, test_limit=0, augment=True,
+      # Training images held out (drawn with the seed) to choose on: best/, recipes, sweeps and
+      # the static references. 0: none, and best/ is chosen on the test set, as the original.
+      validation=0))
   c.pretrain = ml_collections.ConfigDict(dict(
       epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
   c.curriculum = ml_collections.ConfigDict(dict(
@@ -50,11 +55,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       passes="auto"))
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
-      penalty=-5.0))
+      penalty=-5.0,
+      # Beyond the original: distillation from the ResNet the stage starts from (every block,
+      # inference mode). The classification loss becomes (1 - w) cross-entropy + w T^2
+      # KL(teacher || student) at temperature T; 0: cross-entropy alone, the original.
+      distill_weight=0.0, distill_temperature=4.0,
+      # The static reference (``:static``): > 0 finetunes the ResNet alone under one fixed subset
+      # of round(fraction K) blocks, chosen on the validation images by greedy backward
+      # elimination from the starting ResNet; 0: BlockDrop's joint finetuning.
+      static_fraction=0.0))
   # The original's quirks are the defaults; each switch restores the textbook form.
   c.quirks = ml_collections.ConfigDict(dict(
       full_entropy=False,  # True: full Bernoulli entropy instead of only -p' log p'
-      greedy_from_bounded=False,  # True: greedy baseline thresholds the bounded p'
       finetune_pg_mean=False,  # True: average the finetune policy-gradient term over the batch
       # True: the curriculum's entropy bonus only over the blocks the policy controls; the original
       # sums it over all K, which pulls the forced-on blocks towards p = 0.28 before they are
@@ -81,7 +93,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """``recipe``, ``smoke`` or both (``recipe,smoke``), applied in that order."""
+  """Any of ``recipe``, ``static`` and ``smoke`` (``recipe,static,smoke``), applied in that
+  order."""
   names = [name for name in variant.split(",") if name]
   for name in names:
     if name not in VARIANTS:
@@ -104,6 +117,17 @@ def apply_short_run_recipe(c: ml_collections.ConfigDict) -> None:
   c.block_budget.fraction = 0.89
   c.curriculum.update(lr=1e-2, steps_per_block=1, alpha=0.9, beta=0.0, penalty=-0.7)
   c.finetune.update(alpha=0.9, penalty=-1.0)
+  c.data.validation = 500
+
+
+def apply_static_reference(c: ml_collections.ConfigDict) -> None:
+  """The static reference for a BlockDrop config: the same finetuning (epochs, optimiser,
+  distillation) of the ResNet alone under one fixed subset of as many blocks as the config's
+  block budget allows (0.89 of them without one), chosen from the starting ResNet on validation
+  images (docs/method.md, "Static references")."""
+  c.stages = ("finetune",)
+  c.finetune.static_fraction = c.block_budget.fraction or 0.89
+  c.data.validation = c.data.validation or 500
 
 
 def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
@@ -114,6 +138,9 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   c.finetune.update(epochs=1, batch_size=16, lr_decay_every=1)
   c.eval_every = 1
   c.eval_batch_size = 32
+  if c.data.validation:
+    c.data.validation = 16
 
 
-VARIANTS = {"recipe": apply_short_run_recipe, "smoke": shrink_to_smoke}
+VARIANTS = {"recipe": apply_short_run_recipe, "static": apply_static_reference,
+            "smoke": shrink_to_smoke}

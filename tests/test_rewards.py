@@ -28,8 +28,7 @@ def test_bounded_probabilities(alpha):
 
 def test_greedy_uses_unbounded_probability():
   logits = jnp.array([-0.1, 0.0, 0.1])
-  np.testing.assert_array_equal(rewards.greedy_policy(logits, 0.8), [0, 1, 1])
-  np.testing.assert_array_equal(rewards.greedy_policy(logits, 0.3, from_bounded=True), [1, 1, 0])
+  np.testing.assert_array_equal(rewards.greedy_policy(logits), [0, 1, 1])
 
 
 def test_sampling_frequency_matches_bounded_probability():
