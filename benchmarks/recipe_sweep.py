@@ -1,19 +1,22 @@
-"""Short-run BlockDrop: the original's settings against the switches beyond it, over seeds and
-penalties, each run judged against its references on the test images.
+"""Short-run BlockDrop against its references, over seeds and block budgets: each run trained
+and chosen without the test set, then judged on it.
 
-  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe \
+  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe,static \
       --seeds 0,1,2 --workdir runs/sweep --out benchmarks/results/recipe_sweep.md
-  python benchmarks/recipe_sweep.py --config configs/quickstart.py \
-      --set base.checkpoint=akamaster/resnet32 --variants recipe --seeds 0 \
-      --penalties=-0.3/-0.6,-0.5/-1,-1/-2 --workdir runs/sweep_r32 \
-      --out benchmarks/results/tradeoff_r32.md --figure docs/figures/tradeoff_r32.png
+  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe,static \
+      --seeds 0,1,2 --budgets 0.6,0.7,0.8,0.9 --workdir runs/tradeoff56 \
+      --out benchmarks/results/tradeoff_r56.md --figure docs/figures/tradeoff_r56.png
 
 Each run is ``train.py`` then ``evaluate.py --baselines --json`` (subprocesses, as a user runs
-them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes. The table
-gives per variant and penalty the mean and spread over seeds of BlockDrop's test accuracy, blocks
-and FLOPs/img (policy network included), and the references: the pretrained ResNet (every block),
-FirstK and RandomK at the same mean blocks. ``--figure`` draws accuracy against FLOPs for every run
-beside FirstK and RandomK curves of the pretrained ResNet.
+them); a finished run is evaluated again, not retrained, so an interrupted sweep resumes.
+Variants: ``recipe`` (BlockDrop, ``:recipe``), ``static`` (the static-subset reference at the same
+training cost, ``:recipe,static``: the same finetuning of the ResNet alone under the best fixed
+subset of as many blocks as the budget allows), ``original`` (the original's settings). The table
+gives, per variant and budget, the mean and spread over seeds of the test accuracy, the validation
+accuracy, blocks per image, FLOPs/img against the pretrained ResNet (policy network included) and
+unique policies, and the references at the same mean blocks (``blockdrop_jax/references.py``):
+the pretrained ResNet, the best static subset and the run's most frequent policy, FirstK and
+RandomK. ``--figure`` draws test accuracy against FLOPs, variant against variant.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Each variant: a config variant (configs/default.py) and overrides on top of it. "original" is
-# the original's behaviour.
+# Each variant: a config variant (configs/default.py) and overrides on top of it.
 VARIANTS = {
     "original": ("", []),
     "recipe": ("recipe", []),
-    # The recipe with the policy on the 2x average-pooled image (a quarter of its FLOPs).
-    "recipe_pooled": ("recipe", ["--config.policy_input_pool=2"]),
+    "static": ("recipe,static", []),
 }
+TARGET_ACCURACY_DROP, TARGET_FLOPS = 0.015, 0.80
 
 
 def run_one(config: str, overrides: list[str], workdir: str, data: str) -> dict:
@@ -50,71 +52,88 @@ def run_one(config: str, overrides: list[str], workdir: str, data: str) -> dict:
   subprocess.run(evaluate, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   with open(result_path) as f:
     result = json.load(f)
-  references = result["baselines"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = json.loads(f.read().splitlines()[-1])
+  refs = result["baselines"]
   k = int(round(result["blocks_mean"]))
-  return {"accuracy": result["accuracy"], "blocks": result["blocks_mean"],
-          "flops": result["flops_mean"], "num_blocks": result["num_blocks"],
-          "pretrained": references["pretrained"]["accuracy"],
-          "pretrained_flops": references["pretrained"]["flops_mean"],
-          "first_k": references[f"first{k}"]["accuracy"],
-          "random_k": references[f"random{k}"]["accuracy"]}
+  row = {"accuracy": result["accuracy"], "val_accuracy": last.get("val_accuracy", np.nan),
+         "blocks": result["blocks_mean"], "blocks_std": result["blocks_std"],
+         "unique": result["unique_policies"], "flops": result["flops_mean"],
+         "num_blocks": result["num_blocks"], "pretrained": refs["pretrained"]["accuracy"],
+         "pretrained_flops": refs["pretrained"]["flops_mean"],
+         "train_seconds": sum(json.loads(line)["train_seconds"]
+                              for line in open(os.path.join(workdir, "metrics.jsonl")))}
+  for name, key in (("first_k", f"first{k}"), ("random_k", f"random{k}"),
+                    ("static_k", f"static{k}"), ("mode", "mode")):
+    row[name] = refs[key]["accuracy"] if key in refs else np.nan
+  return row
 
 
 def meets_targets(r: dict) -> bool:
-  """Within 1.5 points of the pretrained ResNet, at most 90% of its blocks, at or above FirstK
-  and RandomK at the same mean blocks."""
-  return (r["accuracy"] >= r["pretrained"] - 0.015 and r["blocks"] <= 0.9 * r["num_blocks"]
-          and r["accuracy"] >= max(r["first_k"], r["random_k"]))
+  """Within 1.5 points of the pretrained ResNet, at most 80% of its FLOPs (policy included), at
+  or above every fixed-policy reference at the same mean blocks."""
+  references = [r[key] for key in ("first_k", "random_k", "static_k", "mode")
+                if not np.isnan(r[key])]
+  return (r["accuracy"] >= r["pretrained"] - TARGET_ACCURACY_DROP
+          and r["flops"] <= TARGET_FLOPS * r["pretrained_flops"]
+          and r["accuracy"] >= max(references))
+
+
+def _spread(values, scale=1.0, digits=1) -> str:
+  values = scale * np.asarray(values, float)
+  if np.all(np.isnan(values)):
+    return "-"
+  return f"{np.nanmean(values):.{digits}f} \u00b1 {np.nanstd(values):.{digits}f}"
 
 
 def table(rows: dict) -> str:
-  def spread(values, scale=1.0, digits=1):
-    values = scale * np.asarray(values)
-    return f"{values.mean():.{digits}f} \u00b1 {values.std():.{digits}f}"
-
-  lines = ["| variant | penalty | seeds | accuracy % | blocks | FLOPs/img (policy incl.) / "
-           "pretrained | pretrained % | FirstK % | RandomK % | runs meeting the targets |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for (variant, penalty), runs in rows.items():
+  lines = ["| variant | budget | seeds | test accuracy % | val accuracy % | blocks (std in run) | "
+           "FLOPs/img / pretrained | unique policies | static(k) % | mode % | FirstK % | "
+           "RandomK % | train s | meets the targets |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for (variant, budget), runs in rows.items():
     get = lambda key: [r[key] for r in runs]
     lines.append(
-        f"| {variant} | {penalty} | {len(runs)} | {spread(get('accuracy'), 100)} | "
-        f"{spread(get('blocks'), digits=2)} / {runs[0]['num_blocks']} | "
-        f"{spread(np.divide(get('flops'), get('pretrained_flops')), digits=3)} | "
-        f"{100 * runs[0]['pretrained']:.1f} | {spread(get('first_k'), 100)} | "
-        f"{spread(get('random_k'), 100)} | {sum(map(meets_targets, runs))}/{len(runs)} |")
+        f"| {variant} | {budget} | {len(runs)} | {_spread(get('accuracy'), 100)} | "
+        f"{_spread(get('val_accuracy'), 100)} | {_spread(get('blocks'), digits=2)} "
+        f"({_spread(get('blocks_std'), digits=2)}) / {runs[0]['num_blocks']} | "
+        f"{_spread(np.divide(get('flops'), get('pretrained_flops')), digits=3)} | "
+        f"{_spread(get('unique'), digits=0)} | {_spread(get('static_k'), 100)} | "
+        f"{_spread(get('mode'), 100)} | {_spread(get('first_k'), 100)} | "
+        f"{_spread(get('random_k'), 100)} | {_spread(get('train_seconds'), digits=0)} | "
+        f"{sum(map(meets_targets, runs))}/{len(runs)} |")
+  pretrained = next(iter(rows.values()))[0]
+  lines += ["", f"Pretrained: {100 * pretrained['pretrained']:.1f}% at "
+            f"{pretrained['pretrained_flops']:.3E} FLOPs/img. Per run: "
+            + "; ".join(f"{variant} {budget} seed {i}: {100 * r['accuracy']:.1f}% at "
+                        f"{r['blocks']:.2f} blocks"
+                        for (variant, budget), runs in rows.items() for i, r in enumerate(runs))]
   return "\n".join(lines)
 
 
-def figure(rows: dict, config: str, data: str, path: str) -> None:
-  """Accuracy against FLOPs/img: every run, and FirstK/RandomK curves of the pretrained ResNet."""
+def figure(rows: dict, path: str) -> None:
+  """Test accuracy against FLOPs/img (policy network included): each variant's runs, and the
+  mean over seeds at each budget joined into a curve; the pretrained ResNet as a star."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from blockdrop_jax import configs, data as data_lib, evaluation, trainer, steps
 
-  spec, variables = trainer.starting_resnet(configs.load(config))
-  nets = steps.Nets(spec)
-  params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
-  dataset = data_lib.load_dataset(data)
-  K = spec.num_blocks
-  ks = sorted({int(k) for k in np.linspace(K // 3, K, 8).round()})
-  curves = {"FirstK": [], "RandomK": []}
-  for k in ks:
-    reports = evaluation.fixed_k_reports(nets, params, stats, dataset, k, progress=False)
-    curves["FirstK"].append((reports[f"first{k}"]["flops_mean"], reports[f"first{k}"]["accuracy"]))
-    curves["RandomK"].append((reports[f"random{k}"]["flops_mean"],
-                              reports[f"random{k}"]["accuracy"]))
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for name, points in curves.items():
-    ax.plot(*zip(*[(f, 100 * a) for f, a in points]), "--o", ms=3, label=name)
-  for (variant, penalty), runs in rows.items():
-    ax.scatter([r["flops"] for r in runs], [100 * r["accuracy"] for r in runs], s=30, zorder=3,
-               label=f"BlockDrop {variant}, penalty {penalty}")
-  ax.scatter([curves["FirstK"][-1][0]], [100 * curves["FirstK"][-1][1]], marker="*", s=160,
-             c="k", zorder=4, label=f"pretrained {spec.name}")
+  for variant in dict.fromkeys(v for v, _ in rows):
+    budgets = [b for v, b in rows if v == variant]
+    runs = [rows[(variant, b)] for b in budgets]
+    means = [(np.mean([r["flops"] for r in rs]), 100 * np.mean([r["accuracy"] for r in rs]))
+             for rs in runs]
+    line, = ax.plot(*zip(*sorted(means)), "-", label=f"{variant} (mean of seeds)")
+    ax.scatter([r["flops"] for rs in runs for r in rs],
+               [100 * r["accuracy"] for rs in runs for r in rs], s=12, color=line.get_color())
+  first = next(iter(rows.values()))[0]
+  ax.scatter([first["pretrained_flops"]], [100 * first["pretrained"]], marker="*", s=160, c="k",
+             zorder=4, label="pretrained ResNet")
+  ax.axvline(TARGET_FLOPS * first["pretrained_flops"], color="grey", ls=":", lw=1)
+  ax.axhline(100 * (first["pretrained"] - TARGET_ACCURACY_DROP), color="grey", ls=":", lw=1)
   ax.set(xlabel="FLOPs per image (BlockDrop: policy network included)",
-         ylabel="test accuracy (%)", title=f"{spec.name}: accuracy against computation")
+         ylabel="test accuracy (%)", title="BlockDrop against a static subset, same training")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -124,12 +143,12 @@ def figure(rows: dict, config: str, data: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
-  parser.add_argument("--variants", default="original,recipe",
+  parser.add_argument("--variants", default="recipe,static",
                       help=f"comma-separated, of {', '.join(VARIANTS)}")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--penalties", default="",
-                      help="comma-separated CURRICULUM/FINETUNE penalty pairs, e.g. "
-                      "-0.5/-1,-1/-2 (default: the config's)")
+  parser.add_argument("--budgets", default="",
+                      help="comma-separated block budgets (fractions of the blocks; default: the "
+                      "config's)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every run (repeat the flag)")
   parser.add_argument("--workdir", required=True, help="one sub-folder per run")
@@ -140,39 +159,35 @@ def main(argv: list[str] | None = None) -> None:
   from blockdrop_jax import configs
 
   variants = args.variants.split(",")
-  penalties = [p for p in args.penalties.split(",") if p] or [None]
   if unknown := [v for v in variants if v not in VARIANTS]:
     parser.error(f"unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
-  if bad := [p for p in penalties if p is not None and p.count("/") != 1]:
-    parser.error(f"--penalties {bad[0]!r}: give CURRICULUM/FINETUNE pairs, e.g. -0.5/-1")
+  budgets = [float(b) for b in args.budgets.split(",") if b] or [None]
   data = args.data or configs.load(args.config).data.test
   rows = {}
   for variant in variants:
     config_variant, variant_overrides = VARIANTS[variant]
     config = f"{args.config}:{config_variant}" if config_variant else args.config
-    for penalty in penalties:
-      label = penalty or "config"
+    for budget in budgets:
+      label = "config" if budget is None else f"{budget:g}"
+      budget_overrides = [] if budget is None else [f"--config.block_budget.fraction={budget}"]
+      if budget is not None and variant == "static":  # the variant read the config's budget
+        budget_overrides.append(f"--config.finetune.static_fraction={budget}")
       runs = []
       for seed in (int(s) for s in args.seeds.split(",")):
-        overrides = [*variant_overrides, *(f"--config.{kv}" for kv in args.set),
-                     f"--config.seed={seed}"]
-        if penalty is not None:
-          curriculum_penalty, finetune_penalty = penalty.split("/")
-          overrides += [f"--config.curriculum.penalty={curriculum_penalty}",
-                        f"--config.finetune.penalty={finetune_penalty}"]
-        name = f"{variant}_p{label.replace('/', '_')}_s{seed}"
+        overrides = [*variant_overrides, *budget_overrides,
+                     *(f"--config.{kv}" for kv in args.set), f"--config.seed={seed}"]
+        name = f"{variant}_b{label}_s{seed}"
         runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
       rows[(variant, label)] = runs
   command = " ".join(sys.argv[1:] if argv is None else argv)
-  text = "\n".join([f"`python benchmarks/recipe_sweep.py {command}`", "",
-                    table(rows)])
+  text = "\n".join([f"`python benchmarks/recipe_sweep.py {command}`", "", table(rows)])
   print(text)
   if args.out:
     with open(args.out, "w") as f:
       f.write(text + "\n")
   if args.figure:
-    figure(rows, args.config, data, args.figure)
+    figure(rows, args.figure)
 
 
 if __name__ == "__main__":

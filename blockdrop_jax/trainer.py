@@ -62,9 +62,11 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
     raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
                          "earlier run in config.init_from, or add 'pretrain' to config.stages")
   ft = config.finetune
-  if "pretrain" in stages and (ft.distill_weight or ft.static_fraction):
-    raise BlockDropError("config.finetune.distill_weight and static_fraction start from a trained "
-                         "ResNet: pretrain in one run, then finetune with --config.init_from=RUN")
+  if "pretrain" in stages and (ft.distill_weight or ft.static_fraction
+                               or config.policy_init_static):
+    raise BlockDropError("config.finetune.distill_weight, finetune.static_fraction and "
+                         "policy_init_static start from a trained ResNet: pretrain in one run, "
+                         "then continue it with --config.init_from=RUN")
   if "pretrain" in stages and not config.base.arch:
     raise BlockDropError("config.base.arch is empty: pretraining needs an architecture, e.g. "
                          "--config.base.arch=cifar_resnet32")
@@ -83,6 +85,10 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
   if not 0.0 <= ft.static_fraction < 1.0:
     raise BlockDropError(f"config.finetune.static_fraction = {ft.static_fraction} must be in "
                          "[0, 1) (0: BlockDrop's finetuning)")
+  if config.policy_init_static and not (config.block_budget.fraction and config.data.validation):
+    raise BlockDropError("config.policy_init_static starts the policy at the best static subset "
+                         "of the block budget's size, chosen on validation images: set "
+                         "config.block_budget.fraction and config.data.validation")
   if ft.static_fraction and not config.data.validation:
     raise BlockDropError("config.finetune.static_fraction chooses its blocks on validation images: "
                          "set config.data.validation (e.g. 500)")
@@ -226,11 +232,11 @@ def compiled_step(run: Run, stage: str, tx, mesh):
   return lambda s, x, y, key, k: step(s, x, y, key, k, teacher)
 
 
-def choose_static_subset(run: Run) -> np.ndarray:
-  """The static reference's blocks: round(static_fraction K) of the starting ResNet's, by greedy
+def choose_static_subset(run: Run, fraction: float) -> np.ndarray:
+  """The best fixed subset of round(fraction K) of the starting ResNet's blocks, by greedy
   backward elimination on the validation images (``references.greedy_elimination``)."""
   K = run.nets.resnet.num_blocks
-  k = max(1, int(round(run.config.finetune.static_fraction * K)))
+  k = max(1, int(round(fraction * K)))
   params = {"resnet": run.starting_resnet["params"]}
   stats = {"resnet": run.starting_resnet["batch_stats"]}
   return references.greedy_elimination(run.nets, params, stats, run.validation, k,
@@ -354,6 +360,16 @@ def _meta(run: Run, stage_index: int, epoch: int, batch: int, step: int, metrics
           "config": config.to_json(), "metrics": metrics, "static_keep": static_keep}
 
 
+def _policy_starting_at_static_subset(run: Run, params: dict) -> dict:
+  """``config.policy_init_static``: the policy's bias +b on the best static subset's blocks at the
+  block budget, -b on the others."""
+  bias = run.config.policy_init_bias or 3.0
+  keep = choose_static_subset(run, run.config.block_budget.fraction)
+  fc = params["policy"]["fc"]
+  fc = {**fc, "bias": jnp.asarray(np.where(keep > 0.5, bias, -bias), fc["bias"].dtype)}
+  return {**params, "policy": {**params["policy"], "fc": fc}}
+
+
 def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int, budget_multiplier=0.0):
   tx = steps.make_optimizer(stage, run.config[stage], steps_per_epoch)
   return create_state(params, stats, tx, budget_multiplier), tx
@@ -431,6 +447,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     template, tx = _fresh_state(run, stages[stage_index], params, stats, steps_per_epoch)
     state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
     params, stats = state.params, state.batch_stats
+  elif config.policy_init_static:
+    params = _policy_starting_at_static_subset(run, params)
   log = MetricsLog(workdir, global_step) if chief else None
   if log:
     closing.callback(log.close)
@@ -442,7 +460,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     if state is None:
       state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch, budget_multiplier)
       if stage == "finetune" and config.finetune.static_fraction:
-        run.static_keep = choose_static_subset(run)
+        run.static_keep = choose_static_subset(run, config.finetune.static_fraction)
     state = parallel.replicate(state, mesh)
     step_fn = compiled_step(run, stage, tx, mesh)
     stage_key = jax.random.fold_in(base_key, stage_index)

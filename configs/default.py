@@ -31,6 +31,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # The policy classifier's bias starts at this value (0: its initialisation, zeros; 10 is the
   # original test.py's "every block on"; 3 starts each block at p = 0.95, still trainable).
   c.policy_init_bias = 0.0
+  # True: the bias starts at +policy_init_bias (3 if 0) for the blocks of the best static subset
+  # of the block budget's size and at minus that for the others (the subset chosen as ``:static``
+  # chooses it, on the validation images), so that the policy learns per-image departures from
+  # the strongest fixed policy instead of finding it; False: the same bias for every block.
+  c.policy_init_static = False
   # Average-pool the policy's input by this factor (0: the original's, 1 on CIFAR and 2 on
   # ImageNet); 2 on CIFAR cuts the ResNet-8 policy's FLOPs by 4.
   c.policy_input_pool = 0

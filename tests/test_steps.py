@@ -117,3 +117,49 @@ def test_block_budget_multiplier_follows_the_greedy_blocks_once_every_block_is_c
   off, metrics = jax.jit(lambda s: steps.finetune_step(nets, steps.PolicyLoss(), tx, s, images,
                                                        labels, jax.random.key(7)))(state)
   assert float(off.budget_multiplier) == 0.0 and "budget_multiplier" not in metrics
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_finetune_distils_the_teacher_at_temperature(setup, weight):
+  """With distillation the ResNet's gradient is that of (1 - w) CE + w T^2 KL(teacher || student)
+  of the sampled pass, written out here from the softmax."""
+  nets, params, stats, images, labels = setup
+  distillation = steps.Distillation(weight, temperature=3.0)
+  loss = steps.PolicyLoss(penalty=-5.0, distillation=distillation)
+  x = data.to_unit_float(images)
+  key = jax.random.key(4)
+  teacher = {"params": jax.tree.map(lambda a: a * 1.1, params["resnet"]),
+             "batch_stats": stats["resnet"]}
+  teacher_logits = resnet.ResNet(nets.resnet).apply(teacher, x)
+  grads = jax.jit(jax.grad(lambda p: steps.finetune_loss(
+      nets, loss, p, stats, x, labels, key, teacher_logits=teacher_logits)[0]))(params)
+  sampled = steps._policy_pass(nets, loss, params, stats, x, key)[2]
+
+  def written_out(resnet_params):
+    logits, _ = resnet.ResNet(nets.resnet).apply(
+        {"params": resnet_params, "batch_stats": stats["resnet"]}, x, sampled, train=True,
+        mutable=["batch_stats"])
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    target = jax.nn.softmax(teacher_logits / 3.0)
+    kl = jnp.mean(jnp.sum(target * (jnp.log(target) - jax.nn.log_softmax(logits / 3.0)), -1))
+    return (1 - weight) * ce + weight * 9.0 * kl
+
+  expected = jax.jit(jax.grad(written_out))(params["resnet"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               grads["resnet"], expected)
+
+
+def test_static_step_trains_only_the_kept_blocks_under_a_fixed_subset(setup):
+  """The static reference's step: every image runs the same blocks; a dropped block's weights get
+  no gradient, the kept ones do."""
+  nets, params, stats, images, labels = setup
+  tx = optax.sgd(0.1)
+  state = steps.create_state(params, stats, tx)
+  keep = jnp.array([1.0, 0.0, 1.0])
+  new, metrics = jax.jit(lambda s: steps.pretrain_step(nets, tx, s, images, labels,
+                                                       jax.random.key(0), keep))(state)
+  blocks = {name: (bool(np.any([np.any(a != b) for a, b in zip(
+      jax.tree.leaves(new.params["resnet"][name]), jax.tree.leaves(params["resnet"][name]))])))
+            for name in params["resnet"] if name.startswith("block")}
+  assert blocks == {"block0": True, "block1": False, "block2": True}
+  assert float(metrics["loss"]) > 0

@@ -182,27 +182,62 @@ def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
     assert f"]({name})" in report
 
 
-def test_baselines_include_the_resnet_the_run_started_from(uninterrupted, tmp_path, test_records):
-  """A finetuning run from another run's weights: its `pretrained` reference is that run's full
-  network, image for image, while its own `full` is the finetuned ResNet."""
+def _evaluate(run, tmp_path, test_records, *flags):
+  out = tmp_path / f"{os.path.basename(run)}.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
+                         str(run), "--data", test_records, "--json", str(out), *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, test_records):
+  """A finetuning run from another run's weights, with validation images held out: it logs
+  validation and test metrics, keeps the best by validation accuracy, and its references are set
+  against the ResNet it started from (`pretrained`: that run's full network, image for image)."""
   started_from, _ = uninterrupted
   workdir = tmp_path / "finetuned"
-  proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}")
+  proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}",
+                   "--config.data.validation=16", "--config.finetune.epochs=3")
   assert proc.returncode == 0, proc.stderr
+  records = _records(workdir)
+  assert all("val_accuracy" in r and "test_accuracy" in r for r in records)
+  from blockdrop_jax import checkpoint
+  best = checkpoint.load_run(str(workdir), best=True)[3]["metrics"]
+  assert best["val_accuracy"] == max(r["val_accuracy"] for r in records)
+  assert best["epoch"] == next(r["epoch"] for r in records
+                               if r["val_accuracy"] == best["val_accuracy"])
 
-  def evaluate(run):
-    out = tmp_path / f"{os.path.basename(run)}.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
-                           str(run), "--data", test_records, "--baselines", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text()), proc.stdout
-
-  before, _ = evaluate(started_from)
-  after, printed = evaluate(workdir)
+  before, _ = _evaluate(started_from, tmp_path, test_records, "--baselines")
+  after, printed = _evaluate(workdir, tmp_path, test_records, "--baselines")
   assert "pretrained" not in before["baselines"]  # it pretrained its own ResNet
   k = round(after["blocks_mean"])
-  assert list(after["baselines"]) == ["pretrained", "full", f"first{k}", f"random{k}"]
+  assert list(after["baselines"]) == ["pretrained", "full", f"first{k}", f"random{k}",
+                                      f"static{k}", "mode"]
   assert after["baselines"]["pretrained"]["predictions"] == before["baselines"]["full"]["predictions"]
   assert after["baselines"]["full"]["confidence"] != before["baselines"]["full"]["confidence"]
   assert "pretrained: Accuracy: " in printed and after["num_blocks"] == 3
+
+
+def test_static_reference_finetunes_one_subset_chosen_on_validation(uninterrupted, tmp_path,
+                                                                    test_records):
+  """`:static`: the ResNet alone, distilled from where it started, under the subset that greedy
+  elimination picks on the validation images; evaluation runs that subset for every image."""
+  started_from, _ = uninterrupted
+  workdir = tmp_path / "static"
+  proc = run_train(workdir, f"--config.init_from={started_from}",
+                   "--config.finetune.static_fraction=0.5", "--config.finetune.distill_weight=0.5",
+                   config=SMOKE.replace(":smoke", ":static,smoke"))
+  assert proc.returncode == 0, proc.stderr
+  from blockdrop_jax import checkpoint, configs, references, trainer
+  nets, params, _, meta = checkpoint.load_run(str(workdir))
+  config = configs.from_json(meta["config"])
+  spec, start = trainer.starting_resnet(config)
+  expected = references.greedy_elimination(
+      nets, {"resnet": start["params"]}, {"resnet": start["batch_stats"]},
+      trainer.selection_images(config), 2)[2]
+  np.testing.assert_array_equal(checkpoint.static_keep(meta), expected)
+  result, _ = _evaluate(workdir, tmp_path, test_records)
+  assert result["mode"] == "static" and result["unique_policies"] == 1
+  assert result["blocks_mean"] == 2
+  assert "FLOPs: " in proc.stdout and "% saved" in proc.stdout
