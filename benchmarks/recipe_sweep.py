@@ -1,9 +1,9 @@
 """Short-run BlockDrop against its references, over seeds and block budgets: each run trained
 and chosen without the test set, then judged on it.
 
-  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe,static \
+  python benchmarks/recipe_sweep.py --config quickstart --variants recipe,static \
       --seeds 0,1,2 --workdir runs/sweep --out benchmarks/results/recipe_sweep.md
-  python benchmarks/recipe_sweep.py --config configs/quickstart.py --variants recipe,static \
+  python benchmarks/recipe_sweep.py --config quickstart --variants recipe,static \
       --seeds 0,1,2 --budgets 0.6,0.7,0.8,0.9 --workdir runs/tradeoff56 \
       --out benchmarks/results/tradeoff_r56.md --figure docs/figures/tradeoff_r56.png
 
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Each variant: a config variant (configs/default.py) and overrides on top of it.
+# Each variant: a config variant (blockdrop_jax/configs/default.py) and overrides on top of it.
 VARIANTS = {
     "original": ("", []),
     "recipe": ("recipe", []),
@@ -170,8 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     for budget in budgets:
       label = "config" if budget is None else f"{budget:g}"
       budget_overrides = [] if budget is None else [f"--config.block_budget.fraction={budget}"]
-      if budget is not None and variant == "static":  # the variant read the config's budget
-        budget_overrides.append(f"--config.finetune.static_fraction={budget}")
       runs = []
       for seed in (int(s) for s in args.seeds.split(",")):
         overrides = [*variant_overrides, *budget_overrides,

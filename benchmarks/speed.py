@@ -41,7 +41,7 @@ from blockdrop_jax import (checkpoint, compilation, convert, data, evaluation,  
                            execution, flops, registry, steps)
 from blockdrop_jax.errors import BlockDropError  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
-from configs import default  # noqa: E402
+from blockdrop_jax.configs import default  # noqa: E402
 
 
 def timed_call(fn) -> tuple[float, object]:
@@ -220,7 +220,7 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
   per_k = {p: np.median(runs[p], axis=1) for p in passes}
   # The schedule spends one epoch at each k < K, then stays at K: weight k = K as much as the
   # ramp, i.e. a schedule of 2K epochs, as the subset configs run. The original's 5000-epoch
-  # schedules (configs/r110_c10.py) spend nearly every epoch at k = K: its per-k entry.
+  # schedules (blockdrop_jax/configs/r110_c10.py) spend nearly every epoch at k = K: its per-k entry.
   weights = np.array([(K - 1) / (len(ks) - 1)] * (len(ks) - 1) + [K + 1]) if len(ks) > 1 \
       else np.ones(1)
   rows = []

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.speed import fresh_policy, load_net, paired_ratio, timed_alternately  # noqa: E402
 from blockdrop_jax import compilation, convert, data, registry, steps  # noqa: E402
-from configs import default  # noqa: E402
+from blockdrop_jax.configs import default  # noqa: E402
 
 STAGES = ("pretrain", "curriculum", "finetune")
 

@@ -161,7 +161,7 @@ def infer_spec(state_dict: dict, arch: Optional[str] = None,
   Input normalisation follows the source: akamaster nets and every ImageNet net (torchvision's,
   the original BlockDrop R101) use ImageNet mean/std; the original BlockDrop CIFAR nets and their
   felixgwu bases (``layerN.*`` + ``fc`` keys with a CIFAR stem) raw [0, 1] pixels. The original's
-  R32_C10 alone was trained on CIFAR mean/std: ``configs/r32_c10.py`` sets it, and
+  R32_C10 alone was trained on CIFAR mean/std: ``blockdrop_jax/configs/r32_c10.py`` sets it, and
   ``config.base.input_mean/std`` or ``evaluate.py --input_mean/--input_std`` override any file.
   """
   sd = strip_module_prefix(state_dict)

@@ -37,7 +37,7 @@ def greedy_elimination(nets: steps.Nets, params, stats, selection: Dataset, smal
   subsets = {K: keep.copy()}
   images = np.concatenate([selection.images[:]] * K)
   labels = np.asarray(selection.labels)
-  for k in range(K - 1, max(smallest, 1) - 1, -1):
+  for k in range(K - 1, max(smallest, 0) - 1, -1):
     candidates = np.repeat(keep[None], K, 0) * (1 - np.eye(K, dtype=np.float32))
     candidates[keep == 0] = 0.0  # already dropped: its rows run no block
     policies = np.repeat(candidates, n, axis=0)

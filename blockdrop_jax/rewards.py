@@ -1,7 +1,7 @@
 """Rewards, self-critical advantage and the policy-gradient terms of BlockDrop.
 
 Conventions follow the original code (Wu et al., ``cl_training.py`` / ``finetune.py``); each of
-its quirks is the default here and is switchable in the config (see ``configs/default.py``).
+its quirks is the default here and is switchable in the config (see ``blockdrop_jax/configs/default.py``).
 """
 
 from __future__ import annotations

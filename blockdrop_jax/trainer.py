@@ -62,9 +62,8 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
     raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
                          "earlier run in config.init_from, or add 'pretrain' to config.stages")
   ft = config.finetune
-  if "pretrain" in stages and (ft.distill_weight or ft.static_fraction
-                               or config.policy_init_static):
-    raise BlockDropError("config.finetune.distill_weight, finetune.static_fraction and "
+  if "pretrain" in stages and (ft.distill_weight or ft.static or config.policy_init_static):
+    raise BlockDropError("config.finetune.distill_weight, finetune.static and "
                          "policy_init_static start from a trained ResNet: pretrain in one run, "
                          "then continue it with --config.init_from=RUN")
   if "pretrain" in stages and not config.base.arch:
@@ -82,16 +81,14 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
     raise BlockDropError(f"config.finetune: distill_weight ({ft.distill_weight}) must be in [0, 1] "
                          f"(0: no distillation) and distill_temperature ({ft.distill_temperature}) "
                          "positive")
-  if not 0.0 <= ft.static_fraction < 1.0:
-    raise BlockDropError(f"config.finetune.static_fraction = {ft.static_fraction} must be in "
-                         "[0, 1) (0: BlockDrop's finetuning)")
   if config.policy_init_static and not (config.block_budget.fraction and config.data.validation):
     raise BlockDropError("config.policy_init_static starts the policy at the best static subset "
                          "of the block budget's size, chosen on validation images: set "
                          "config.block_budget.fraction and config.data.validation")
-  if ft.static_fraction and not config.data.validation:
-    raise BlockDropError("config.finetune.static_fraction chooses its blocks on validation images: "
-                         "set config.data.validation (e.g. 500)")
+  if ft.static and not (config.block_budget.fraction and config.data.validation):
+    raise BlockDropError("config.finetune.static keeps block_budget.fraction of the blocks, chosen "
+                         "on validation images: set config.block_budget.fraction and "
+                         "config.data.validation (e.g. 500)")
   budget = config.block_budget
   if not 0.0 <= budget.fraction < 1.0 or budget.lr <= 0:
     raise BlockDropError(f"config.block_budget: fraction ({budget.fraction}) must be in [0, 1) "
@@ -459,8 +456,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if state is None:
       state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch, budget_multiplier)
-      if stage == "finetune" and config.finetune.static_fraction:
-        run.static_keep = choose_static_subset(run, config.finetune.static_fraction)
+      if stage == "finetune" and config.finetune.static:
+        run.static_keep = choose_static_subset(run, config.block_budget.fraction)
     state = parallel.replicate(state, mesh)
     step_fn = compiled_step(run, stage, tx, mesh)
     stage_key = jax.random.fold_in(base_key, stage_index)

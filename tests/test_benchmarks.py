@@ -58,7 +58,7 @@ def test_speed_benchmark_refuses_a_mode_no_table_has(shared_data, capsys):
 def trained_run(tmp_path_factory, shared_data):
   """A seconds-long BlockDrop run on a ResNet-8 (pretraining, then the curriculum)."""
   from blockdrop_jax import configs, trainer
-  config = configs.load(os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke",
+  config = configs.load("scratch_r20_subset" + ":smoke",
                         ["--config.stages=pretrain,curriculum"])
   workdir = str(tmp_path_factory.mktemp("speed") / "run")
   trainer.train(config, workdir, progress=False)

@@ -20,7 +20,7 @@ def run_evaluate(*args):
 
 def evaluate_in_process(*args) -> int:
   """evaluate.py's main() after its flags are parsed from ``args``, as the command does."""
-  import evaluate
+  from blockdrop_jax.commands import evaluate
   from absl import flags
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["evaluate.py", *args])
@@ -85,7 +85,7 @@ def test_unknown_architecture(shared_data, test_records):
     (("--input_mean", "0.5,x"), "--input_mean: expected numbers separated by commas")])
 def test_bad_flags_are_one_line(test_records, args, message, capsys):
   """As the command parses them (cli.run's parser, then main), in-process."""
-  import evaluate
+  from blockdrop_jax.commands import evaluate
   from absl import flags
   from blockdrop_jax import cli
   flags.FLAGS.unparse_flags()

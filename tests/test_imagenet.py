@@ -92,7 +92,7 @@ def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tm
   spec = resnet.make_spec("imagenet_resnet10", num_classes=1000)
   base = str(tmp_path / "resnet10.safetensors")
   convert.save_safetensors(base, resnet.init(spec, jax.random.key(0)), spec, layout="torchvision")
-  config = configs.load(os.path.join(REPO, "configs", "r101_imgnet.py") + ":smoke", [
+  config = configs.load("r101_imgnet" + ":smoke", [
       "--config.data.train=tfds:imagenet2012", "--config.data.test=tfds:imagenet2012",
       "--config.data.test_split=validation", f"--config.data.data_dir={imagenet_tfds}",
       f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=1000",

@@ -164,7 +164,7 @@ def test_training_continues_from_the_originals_curriculum_checkpoint(original_fi
   import jax
   from blockdrop_jax import configs, trainer
   from conftest import REPO
-  config = configs.load(os.path.join(REPO, "configs", "r110_c10.py"), [
+  config = configs.load("r110_c10", [
       "--config.stages=finetune", f"--config.init_from={original_files['curriculum']}",
       f"--config.base.checkpoint={original_files['base']}"])
   nets, params, stats = trainer.initial_variables(config, jax.random.key(0))

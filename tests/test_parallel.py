@@ -120,7 +120,7 @@ def test_uneven_global_batch_is_a_clear_error(setup):
 
 def _train(workdir, devices, *overrides):
   return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config",
-                         os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke",
+                         "scratch_r20_subset" + ":smoke",
                          "--workdir", str(workdir), "--noprogress", *overrides],
                         cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=cli_env(devices))

@@ -21,7 +21,7 @@ from conftest import REPO
 def test_workdirs_that_cannot_hold_a_run_are_refused_before_any_write(workdir, error, tmp_path,
                                                                       monkeypatch):
   monkeypatch.chdir(tmp_path)
-  config = configs.load(os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke", [])
+  config = configs.load("scratch_r20_subset" + ":smoke", [])
   with pytest.raises(BlockDropError, match=error):
     trainer.train(config, workdir, progress=False)
   assert os.listdir(tmp_path) == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from blockdrop_jax import convert, data, steps
-from configs import default
+from blockdrop_jax.configs import default
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402

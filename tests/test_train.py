@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, cli_env
 
-SMOKE = os.path.join(REPO, "configs", "scratch_r20_subset.py") + ":smoke"
+SMOKE = "scratch_r20_subset" + ":smoke"
 
 
 # Checkpoints at every step, the curriculum handing over a block every 2 steps (the smoke config
@@ -226,7 +226,7 @@ def test_static_reference_finetunes_one_subset_chosen_on_validation(uninterrupte
   started_from, _ = uninterrupted
   workdir = tmp_path / "static"
   proc = run_train(workdir, f"--config.init_from={started_from}",
-                   "--config.finetune.static_fraction=0.5", "--config.finetune.distill_weight=0.5",
+                   "--config.block_budget.fraction=0.5", "--config.finetune.distill_weight=0.5",
                    config=SMOKE.replace(":smoke", ":static,smoke"))
   assert proc.returncode == 0, proc.stderr
   from blockdrop_jax import checkpoint, configs, references, trainer

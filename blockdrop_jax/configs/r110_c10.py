@@ -2,7 +2,7 @@
 16.9 blocks of 54). Base: ``cv/pretrained/R110_C10/pk_E_130_A_0.932.t7`` via
 ``--config.base.checkpoint``; raw [0, 1] pixels; "avgpool" shortcut."""
 
-from configs import default
+from blockdrop_jax.configs import default
 
 
 def get_config(variant: str = ""):

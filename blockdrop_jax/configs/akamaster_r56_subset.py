@@ -4,7 +4,7 @@ experiment with the deeper base and a curriculum long enough to hand over all 27
 import os
 
 from blockdrop_jax.registry import shared_data_dir
-from configs import akamaster_r32_subset, default
+from blockdrop_jax.configs import akamaster_r32_subset, default
 
 
 def get_config(variant: str = ""):

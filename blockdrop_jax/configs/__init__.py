@@ -1,9 +1,12 @@
 """Experiment configs through ``ml_collections.config_flags``, as flax's examples load them.
 
-``--config configs/NAME.py[:smoke|:recipe]`` names a file whose ``get_config(variant)`` returns a
-``ConfigDict``; ``--config.a.b=value`` overrides a key and keeps its type. On top of
-config_flags: a key the default config (``configs/default.py``) does not have is a typo, and a
-tuple of names may be given comma-separated (``--config.stages=pretrain,curriculum``).
+Each experiment is a module of this package (``default`` documents every key) whose
+``get_config(variant)`` returns a ``ConfigDict``. ``--config NAME[:variant]`` names one of them
+(``quickstart:recipe``), so the configs work from an installed package; ``--config
+path/to/file.py[:variant]`` loads any file with a ``get_config``, as config_flags does.
+``--config.a.b=value`` overrides a key and keeps its type. On top of config_flags: a key the
+default config does not have is a typo, and a tuple of names may be given comma-separated
+(``--config.stages=pretrain,curriculum``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Optional, Sequence
 
 import ml_collections
@@ -19,22 +23,58 @@ from ml_collections import config_flags
 
 from blockdrop_jax.errors import BlockDropError
 
-HELP = ("configs/NAME.py, optionally :smoke, :recipe or :recipe,smoke; override keys with "
-        "--config.a.b=value")
+HELP = ("an experiment of blockdrop_jax/configs by name (quickstart) or a config file (.py), "
+        "optionally with variants (:smoke, :recipe, :static, combined as :recipe,smoke); override "
+        "keys with --config.a.b=value")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def experiments() -> list[str]:
+  """The names of the experiment configs shipped with the package."""
+  return sorted(name.removesuffix(".py") for name in os.listdir(PACKAGE_DIR)
+                if name.endswith(".py") and not name.startswith("_"))
+
+
+def config_file(spec: str) -> str:
+  """``NAME[:variant]`` of a packaged experiment as its file path (with the variant); a path to a
+  file is returned as it is."""
+  name, colon, variant = spec.partition(":")
+  if name.endswith(".py") or os.sep in name or "/" in name:
+    return spec
+  if name not in experiments():
+    raise BlockDropError(f"unknown config {name!r} (--config): use one of {', '.join(experiments())}"
+                         " or a path to a config file (.py)")
+  return os.path.join(PACKAGE_DIR, f"{name}.py") + colon + variant
+
+
+def _resolved(argv: Sequence[str]) -> list[str]:
+  """``argv`` with its ``--config`` value as a file path (``config_file``)."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + config_file(arg.removeprefix("--config="))
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = config_file(argv[i + 1])
+  return argv
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
                        argv: Optional[Sequence[str]] = None) -> flags.FlagHolder:
   """The ``--config`` flag (a locked ConfigDict: overrides keep each key's type); config_flags
   defines an override flag for each ``--config.a.b`` in ``argv`` (default ``sys.argv``)."""
+  argv = sys.argv if argv is None else argv
+  try:
+    argv = _resolved(argv)
+  except BlockDropError:  # an unknown name: parse_flags says so
+    pass
   return config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values,
-                                         lock_config=True,
-                                         sys_argv=None if argv is None else list(argv))
+                                         lock_config=True, sys_argv=list(argv))
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   """``flag_values(argv)`` with any flag error (a missing config file, an unknown key, a value of
   the wrong type, a bad variant) as one ``BlockDropError`` line."""
+  argv = _resolved(argv)
   path = _config_path(argv)
   if path is not None and not os.path.isfile(path.partition(":")[0]):
     raise BlockDropError(f"config file not found: {path.partition(':')[0]} (--config)")
@@ -49,7 +89,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks ``config``'s keys against the default config and splits comma-separated names."""
-  from configs import default  # the schema every experiment extends
+  from blockdrop_jax.configs import default  # the schema every experiment extends
   check_keys(config, default.get_config())
   _split_names(config)
   return config
@@ -69,7 +109,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   """A config saved by a run (``ConfigDict.to_json``) on top of today's defaults, so that keys
   added since then read as their defaults (the original's behaviour), and keys removed since then
   (switches that could not change anything) are left out."""
-  from configs import default
+  from blockdrop_jax.configs import default
   config = default.get_config()
   config.update(_known(json.loads(text), config))
   return config

@@ -2,7 +2,7 @@
 72.3%) and finetuning penalty -10. Base: ``cv/pretrained/R110_C100/pk_E_160_A_0.723.t7`` via
 ``--config.base.checkpoint``."""
 
-from configs import default, r32_c100
+from blockdrop_jax.configs import default, r32_c100
 
 
 def get_config(variant: str = ""):

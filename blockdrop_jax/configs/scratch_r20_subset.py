@@ -7,7 +7,7 @@ The smoke variant swaps in a ResNet-8 base so that all three stages run in secon
 import os
 
 from blockdrop_jax.registry import shared_data_dir
-from configs import default
+from blockdrop_jax.configs import default
 
 
 def get_config(variant: str = ""):

@@ -8,7 +8,7 @@ epoch, so batches are smaller here and the curriculum hands over one block per e
 import os
 
 from blockdrop_jax.registry import shared_data_dir
-from configs import default
+from blockdrop_jax.configs import default
 
 
 def get_config(variant: str = ""):

@@ -1,6 +1,6 @@
 """Defaults shared by every experiment: the original BlockDrop hyper-parameters (docs/method.md).
 
-Experiments import this and override. Variants: ``configs/NAME.py:smoke`` shrinks a config to
+Experiments import this and override. Variants: ``NAME:smoke`` shrinks a config to
 a seconds-long run for tests; ``:recipe`` applies the short-run recipe; ``:static`` makes the
 static-subset reference of a config (``:recipe,static`` that of the recipe); several combine
 (``:recipe,smoke``).
@@ -65,10 +65,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # inference mode). The classification loss becomes (1 - w) cross-entropy + w T^2
       # KL(teacher || student) at temperature T; 0: cross-entropy alone, the original.
       distill_weight=0.0, distill_temperature=4.0,
-      # The static reference (``:static``): > 0 finetunes the ResNet alone under one fixed subset
-      # of round(fraction K) blocks, chosen on the validation images by greedy backward
-      # elimination from the starting ResNet; 0: BlockDrop's joint finetuning.
-      static_fraction=0.0))
+      # The static reference (``:static``): True finetunes the ResNet alone under one fixed
+      # subset of round(block_budget.fraction K) blocks, chosen on the validation images by
+      # greedy backward elimination from the starting ResNet; False: BlockDrop's finetuning.
+      static=False))
   # The original's quirks are the defaults; each switch restores the textbook form.
   c.quirks = ml_collections.ConfigDict(dict(
       full_entropy=False,  # True: full Bernoulli entropy instead of only -p' log p'
@@ -128,10 +128,12 @@ def apply_short_run_recipe(c: ml_collections.ConfigDict) -> None:
 def apply_static_reference(c: ml_collections.ConfigDict) -> None:
   """The static reference for a BlockDrop config: the same finetuning (epochs, optimiser,
   distillation) of the ResNet alone under one fixed subset of as many blocks as the config's
-  block budget allows (0.89 of them without one), chosen from the starting ResNet on validation
+  block budget allows (0.89 of them without one; ``--config.block_budget.fraction`` sets it),
+  chosen from the starting ResNet on validation
   images (docs/method.md, "Static references")."""
   c.stages = ("finetune",)
-  c.finetune.static_fraction = c.block_budget.fraction or 0.89
+  c.finetune.static = True
+  c.block_budget.fraction = c.block_budget.fraction or 0.89
   c.data.validation = c.data.validation or 500
 
 

@@ -4,14 +4,14 @@ Curriculum learning, then joint finetuning, from the pretrained akamaster ResNet
 name: found in the offline data folder or the cache, else downloaded and sha256-checked) on
 4,000 CIFAR-10 training images: the offline lossless subset when ``../shared/data`` is there, else
 the first 4,000 of the official archive. Ten curriculum epochs and two finetuning epochs, batch
-250. As the README runs it, ``configs/quickstart.py:recipe``, with the short-run recipe
-(``configs/default.py``); without it, the original's settings on the same short schedule.
+250. As the README runs it, ``--config quickstart:recipe``, with the short-run recipe
+(``blockdrop_jax/configs/default.py``); without it, the original's settings on the same short schedule.
 """
 
 import os
 
 from blockdrop_jax.registry import shared_data_dir
-from configs import default
+from blockdrop_jax.configs import default
 
 
 def get_config(variant: str = ""):

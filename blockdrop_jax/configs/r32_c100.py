@@ -1,7 +1,7 @@
 """The original BlockDrop R32_C100 run: CIFAR-100, ResNet-32 (pretrained 69.3%), raw pixels.
 Base: ``cv/pretrained/R32_C100/pk_E_164_A_0.693.t7`` via ``--config.base.checkpoint``."""
 
-from configs import default
+from blockdrop_jax.configs import default
 
 
 def get_config(variant: str = ""):

@@ -8,7 +8,7 @@ resized to 256 and randomly cropped to 224 and flipped inside the step, test ima
 224 crop.
 """
 
-from configs import default
+from blockdrop_jax.configs import default
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

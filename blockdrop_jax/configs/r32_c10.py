@@ -5,7 +5,7 @@ with ``--config.base.checkpoint=PATH``. Data: TFDS ``cifar10`` (or a local folde
 ``--config.data.train=... --config.data.test=...``). Hyper-parameters: the original README.
 """
 
-from configs import default
+from blockdrop_jax.configs import default
 
 # R32_C10 is the one original CIFAR base trained on normalised pixels (its utils.get_transforms).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
