@@ -105,6 +105,9 @@ class PolicyLoss:
   block_budget: float = 0.0
   budget_lr: float = 0.25
   distillation: Distillation = Distillation()  # finetuning's classification loss
+  # Beyond the original: in finetuning the ResNet learns under the greedy policy (the one it runs
+  # at test time) instead of the sampled one; the policy still learns from the sampled pass.
+  resnet_learns_greedy: bool = False
 
 
 CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (execution.resolve_auto)
@@ -318,18 +321,22 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
   sampled pass (or with ``loss.distillation`` from ``teacher_logits``). Both ResNet passes run
   with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
-  only through the sampled pass."""
+  only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one)."""
   log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
-  logits_greedy, resnet_stats = _forward(nets, nets.resnet, jax.lax.stop_gradient(params["resnet"]),
-                                         stats["resnet"], x, greedy, train=True)
-  logits_greedy = jax.lax.stop_gradient(logits_greedy)
-  logits_sampled, resnet_stats = _forward(nets, nets.resnet, params["resnet"], resnet_stats, x,
+  learning, frozen = params["resnet"], jax.lax.stop_gradient(params["resnet"])
+  greedy_weights, sampled_weights = ((learning, frozen) if loss.resnet_learns_greedy
+                                     else (frozen, learning))
+  logits_greedy, resnet_stats = _forward(nets, nets.resnet, greedy_weights, stats["resnet"], x,
+                                         greedy, train=True)
+  logits_sampled, resnet_stats = _forward(nets, nets.resnet, sampled_weights, resnet_stats, x,
                                           sampled, train=True)
   ones = jnp.ones((nets.resnet.num_blocks,))
   pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                 logits_greedy, labels, ones, entropy=False,
+                                 jax.lax.stop_gradient(logits_greedy), labels, ones, entropy=False,
                                  mean=loss.finetune_pg_mean, budget_multiplier=budget_multiplier)
-  cross_entropy = classification_loss(loss.distillation, logits_sampled, labels, teacher_logits)
+  cross_entropy = classification_loss(
+      loss.distillation, logits_greedy if loss.resnet_learns_greedy else logits_sampled, labels,
+      teacher_logits)
   metrics = {**metrics, "cross_entropy": cross_entropy}
   if nets.axis_name is not None and not loss.finetune_pg_mean:
     # Gradients are averaged over devices; a sum over the global batch is n times that average.

@@ -196,7 +196,9 @@ def policy_loss(config, stage: str) -> PolicyLoss:
   cfg = config[stage]
   return PolicyLoss(alpha=cfg.alpha, beta=cfg.get("beta", 0.0), penalty=cfg.penalty,
                     block_budget=config.block_budget.fraction, budget_lr=config.block_budget.lr,
-                    distillation=distillation(config, stage), **config.quirks.to_dict())
+                    distillation=distillation(config, stage),
+                    resnet_learns_greedy=cfg.get("resnet_learns_greedy", False),
+                    **config.quirks.to_dict())
 
 
 def distillation(config, stage: str) -> steps.Distillation:

@@ -32,15 +32,19 @@ def test_curriculum_loss_has_no_gradient_into_the_resnet(setup):
   assert any(np.any(g != 0) for g in jax.tree.leaves(grads["policy"]))
 
 
-def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup):
-  """Rewards and the greedy pass carry no gradient: the ResNet learns only from the sampled CE."""
+@pytest.mark.parametrize("greedy", [False, True])
+def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup, greedy):
+  """Rewards and the greedy pass carry no gradient: the ResNet learns only from the sampled CE
+  (with ``resnet_learns_greedy``, only from the greedy pass's)."""
   nets, params, stats, images, labels = setup
-  loss = steps.PolicyLoss(penalty=-5.0)
+  loss = steps.PolicyLoss(penalty=-5.0, resnet_learns_greedy=greedy)
   x = data.to_unit_float(images)
   key = jax.random.key(4)
   (_, (metrics, _)), grads = jax.jit(jax.value_and_grad(
       lambda p: steps.finetune_loss(nets, loss, p, stats, x, labels, key), has_aux=True))(params)
-  sampled = steps._policy_pass(nets, loss, params, stats, x, key)[2]
+  _, _, sampled, greedy_policy, _ = steps._policy_pass(nets, loss, params, stats, x, key)
+  assert not np.array_equal(sampled, greedy_policy)
+  sampled = greedy_policy if greedy else sampled
 
   def ce(resnet_params):
     logits, _ = resnet.ResNet(nets.resnet).apply(

@@ -65,6 +65,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # inference mode). The classification loss becomes (1 - w) cross-entropy + w T^2
       # KL(teacher || student) at temperature T; 0: cross-entropy alone, the original.
       distill_weight=0.0, distill_temperature=4.0,
+      # Beyond the original: True trains the ResNet under the greedy policy, the one it runs at
+      # test time (the policy still learns from sampled policies); False: under the sampled one.
+      resnet_learns_greedy=False,
       # The static reference (``:static``): True finetunes the ResNet alone under one fixed
       # subset of round(block_budget.fraction K) blocks, chosen on the validation images by
       # greedy backward elimination from the starting ResNet; False: BlockDrop's finetuning.
