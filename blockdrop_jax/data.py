@@ -87,7 +87,7 @@ class LazyImages:
                       self.threads)
 
   def _decode(self, key) -> np.ndarray:
-    return preprocess_imagenet(self.read(key), None, self.resize, self.crop)
+    return preprocess_imagenet(self.read(key), self.resize, self.crop)
 
   def __getitem__(self, index) -> np.ndarray:
     if isinstance(index, (int, np.integer)):
@@ -296,11 +296,6 @@ def to_unit_float(images) -> jax.Array:
   return jnp.asarray(images, jnp.float32) / 255.0
 
 
-def augment_cifar(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
-  """Random crop with ``pad`` zero pixels on each side, then random horizontal flip (per image)."""
-  return apply_crop_flip(images, *crop_flip_draws(key, images.shape[0], 2 * pad), pad=pad)
-
-
 def crop_flip_draws(key: jax.Array, n: int, max_offset: int = 8) -> tuple[jax.Array, jax.Array]:
   """The random part of a crop-and-flip augmentation: offsets in [0, max_offset] (n, 2), flips (n,)."""
   crop_key, flip_key = jax.random.split(key)
@@ -326,22 +321,17 @@ def center_crop(images: jax.Array, size: int) -> jax.Array:
   return images[:, top:top + size, left:left + size]
 
 
-def preprocess_imagenet(image: np.ndarray, rng: Optional[np.random.Generator] = None,
-                        resize: int = 256, crop: int = 224) -> np.ndarray:
-  """ImageNet transform: shorter side to ``resize``; random crop + flip with ``rng``, else center."""
+def preprocess_imagenet(image: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
+  """How ImageNet images are stored for training and testing: shorter side to ``resize``, then
+  the centre ``crop`` x ``crop`` (training steps crop and flip at random inside the step)."""
   from PIL import Image
   pil = Image.fromarray(np.asarray(image, np.uint8))
   scale = resize / min(pil.size)
   pil = pil.resize((max(crop, round(pil.size[0] * scale)), max(crop, round(pil.size[1] * scale))),
                    Image.BILINEAR)
   arr = np.asarray(pil)
-  h, w = arr.shape[:2]
-  if rng is None:
-    top, left = (h - crop) // 2, (w - crop) // 2
-  else:
-    top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-  arr = arr[top:top + crop, left:left + crop]
-  return arr[:, ::-1] if rng is not None and rng.random() < 0.5 else arr
+  top, left = (arr.shape[0] - crop) // 2, (arr.shape[1] - crop) // 2
+  return arr[top:top + crop, left:left + crop]
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

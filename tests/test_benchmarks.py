@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, load_benchmark
+from conftest import load_benchmark
 
 
 def test_speed_benchmark_prints_every_inference_mode(shared_data, capsys):

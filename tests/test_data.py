@@ -72,9 +72,12 @@ def test_cifar100_records_use_the_fine_label(tmp_path):
 
 def test_augmentation_is_deterministic_and_a_padded_crop_or_flip():
   images = jax.random.uniform(jax.random.key(0), (16, 32, 32, 3))
-  a = data.augment_cifar(jax.random.key(1), images)
-  np.testing.assert_array_equal(a, data.augment_cifar(jax.random.key(1), images))
-  assert not np.array_equal(a, data.augment_cifar(jax.random.key(2), images))
+  def augment(key):  # as the training steps do (steps._inputs)
+    return data.apply_crop_flip(images, *data.crop_flip_draws(key, 16, 8), pad=4)
+
+  a = augment(jax.random.key(1))
+  np.testing.assert_array_equal(a, augment(jax.random.key(1)))
+  assert not np.array_equal(a, augment(jax.random.key(2)))
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   for img, src in zip(np.asarray(a), padded):
     windows = [src[i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
@@ -83,9 +86,12 @@ def test_augmentation_is_deterministic_and_a_padded_crop_or_flip():
 
 def test_imagenet_transform_sizes():
   image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-  assert data.preprocess_imagenet(image).shape == (224, 224, 3)
-  a = data.preprocess_imagenet(image, np.random.default_rng(5))
-  np.testing.assert_array_equal(a, data.preprocess_imagenet(image, np.random.default_rng(5)))
+  resized = data.preprocess_imagenet(image)
+  assert resized.shape == (224, 224, 3)
+  # The shorter side went to 256 (300 x 400 -> 256 x 341), then its centre 224 x 224.
+  from PIL import Image
+  full = np.asarray(Image.fromarray(image).resize((341, 256), Image.BILINEAR))
+  np.testing.assert_array_equal(resized, full[16:240, 58:282])
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():

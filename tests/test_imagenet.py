@@ -9,7 +9,7 @@ import pytest
 
 from blockdrop_jax import checkpoint, configs, data, trainer
 from blockdrop_jax.errors import BlockDropError
-from conftest import REPO, load_benchmark
+from conftest import load_benchmark
 
 CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet's first three synsets
 

@@ -163,7 +163,6 @@ def test_training_continues_from_the_originals_curriculum_checkpoint(original_fi
   from the original's policy network and ResNet."""
   import jax
   from blockdrop_jax import configs, trainer
-  from conftest import REPO
   config = configs.load("r110_c10", [
       "--config.stages=finetune", f"--config.init_from={original_files['curriculum']}",
       f"--config.base.checkpoint={original_files['base']}"])

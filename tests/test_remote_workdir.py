@@ -10,7 +10,6 @@ import subprocess
 import pytest
 
 from blockdrop_jax import BlockDropError, configs, storage, trainer
-from conftest import REPO
 
 
 @pytest.mark.parametrize("workdir, error", [

@@ -4,8 +4,6 @@ test_train.py so that the two files run in parallel workers)."""
 import os
 import threading
 
-import jax
-import numpy as np
 import pytest
 
 from test_train import SMOKE, _one_line_error, run_train
@@ -70,11 +68,8 @@ def test_a_run_that_stops_on_an_error_closes_its_logs(tmp_path, shared_data):
 def test_nan_stops_without_saving_it(tmp_path, shared_data):
   proc = run_train(tmp_path, *NAN_OVERRIDES)
   _one_line_error(proc, "NaN")
-  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-  from blockdrop_jax import checkpoint
-  if steps:  # whatever was saved before the blow-up is finite
-    params = checkpoint.load_run(str(tmp_path))[1]
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  # The loss is NaN from the first fetch on (step 1): no checkpoint was written.
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
 def test_metrics_come_to_the_host_in_windows_and_a_nan_in_one_is_found():
