@@ -36,7 +36,9 @@ def test_recipe_is_opt_in_and_combines_with_smoke():
       -1.0, -5.0, 0.8)
   assert (recipe.curriculum.penalty, recipe.finetune.penalty, recipe.finetune.alpha) == (
       -0.7, -1.0, 0.9)
-  assert (original.block_budget.fraction, recipe.block_budget.fraction) == (0.0, 0.89)
+  assert (original.block_budget.fraction, recipe.block_budget.fraction) == (0.0, 0.76)
+  assert (original.policy_input_pool, recipe.policy_input_pool) == (0, 2)
+  assert not original.finetune.resnet_learns_greedy and recipe.finetune.resnet_learns_greedy
   assert (original.data.validation, recipe.data.validation) == (0, 16)
   assert recipe.data.train_limit == 48
 
