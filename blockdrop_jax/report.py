@@ -181,6 +181,24 @@ def policy_training_figure(records: Sequence[dict], out_dir: str) -> Optional[st
   return _save(fig, out_dir, "policy_training.png")
 
 
+def _reference_curves(nets, params, stats, dataset: Dataset, refs: dict, batch_size: int,
+                      progress: bool) -> dict:
+  """{name: {k: (FLOPs, accuracy)}} of FirstK and RandomK over six k from 1 to K, and of the
+  static subsets in ``refs``."""
+  K, n = nets.resnet.num_blocks, len(dataset)
+  curves: dict = {"FirstK": {}, "RandomK": {}, "static subset": {}}
+  for k in sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)}):
+    fixed = references.fixed_k_policies(n, K, k)
+    for name, key in (("FirstK", f"first{k}"), ("RandomK", f"random{k}")):
+      r = evaluation.fixed_policy_report(nets, params, stats, dataset, fixed[key], batch_size,
+                                         progress)
+      curves[name][k] = (r["flops_mean"], r["accuracy"])
+  for name, r in refs.items():
+    if name.startswith("static"):
+      curves["static subset"][int(name.removeprefix("static"))] = (r["flops_mean"], r["accuracy"])
+  return curves
+
+
 def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size: int = 250,
                  class_names: Sequence[str] = CIFAR10_CLASSES,
                  progress: bool = False) -> tuple[str, dict]:
@@ -202,16 +220,7 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   k_run = int(round(report["blocks_mean"]))
   refs = trainer.run_references(nets, params, stats, meta, dataset, report["blocks_mean"],
                                 batch_size, more_static=tuple(range(k_run, K, 2)))
-  curves: dict = {"FirstK": {}, "RandomK": {}, "static subset": {}}
-  for k in sorted({max(1, min(K, k)) for k in np.linspace(1, K, 6).round().astype(int)}):
-    fixed = references.fixed_k_policies(n, K, k)
-    for name, key in (("FirstK", f"first{k}"), ("RandomK", f"random{k}")):
-      r = evaluation.fixed_policy_report(nets, params, stats, dataset, fixed[key], batch_size,
-                                         progress)
-      curves[name][k] = (r["flops_mean"], r["accuracy"])
-  for name, r in refs.items():
-    if name.startswith("static"):
-      curves["static subset"][int(name.removeprefix("static"))] = (r["flops_mean"], r["accuracy"])
+  curves = _reference_curves(nets, params, stats, dataset, refs, batch_size, progress)
   full = curves["FirstK"][K]
   policies = np.asarray(report["policies"], np.float32)
   blocks = policies.sum(1)

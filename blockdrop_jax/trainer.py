@@ -19,9 +19,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-from tqdm import tqdm
-
 import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
 
 from blockdrop_jax import (checkpoint, configs, convert, curriculum, evaluation, flops, parallel,
                            references, registry, steps, storage)
@@ -171,10 +171,15 @@ def selection_images(config) -> Dataset:
   return validation if validation is not None else train.head(500)
 
 
-def run_references(nets: Nets, params, stats, meta: dict, dataset: Dataset, mean_blocks: float,
-                   batch_size: int = 250, more_static: tuple[int, ...] = ()) -> dict:
+def run_references(nets: Nets, params, stats, meta: Optional[dict], dataset: Dataset,
+                   mean_blocks: float, batch_size: int = 250,
+                   more_static: tuple[int, ...] = ()) -> dict:
   """``references.references`` of a run's checkpoint (``meta``): against the ResNet it started
-  from, with its static subsets and mode chosen on its ``selection_images``."""
+  from, with its static subsets and mode chosen on its ``selection_images``. Without ``meta``
+  (the original's checkpoint, no config): the full network, FirstK and RandomK."""
+  if meta is None:
+    return references.references(nets, params, stats, dataset, mean_blocks,
+                                 batch_size=batch_size)
   config = configs.from_json(meta["config"])
   return references.references(nets, params, stats, dataset, mean_blocks,
                                selection=selection_images(config),
@@ -347,16 +352,27 @@ class PendingMetrics:
 
 
 
-def _meta(run: Run, stage_index: int, epoch: int, batch: int, step: int, metrics: dict,
-          epoch_sums: Optional[dict] = None):
-  """Where the run stands; ``epoch_sums`` are the running sums of a half-done epoch's metrics;
-  ``static_keep``: a static run's fixed blocks (evaluation runs them)."""
+@dataclasses.dataclass
+class Position:
+  """Where a run stands, as each checkpoint records it and a resumed run continues from it."""
+
+  stage_index: int = 0
+  epoch: int = 0
+  batch: int = 0  # within the epoch
+  global_step: int = 0
+  epoch_sums: dict = dataclasses.field(default_factory=dict)  # a half-done epoch's metric sums
+  last_metrics: dict = dataclasses.field(default_factory=dict)  # the last epoch's record
+
+
+def _meta(run: Run, at: Position) -> dict:
+  """A checkpoint's JSON: ``at``, the networks, the config and, for a static run, its blocks."""
   config, nets = run.config, run.nets
   static_keep = None if run.static_keep is None else [float(v) for v in run.static_keep]
-  return {"stage_index": stage_index, "stage": tuple(config.stages)[stage_index], "epoch": epoch,
-          "batch": batch, "global_step": step, "seed": config.seed, "epoch_sums": epoch_sums or {},
+  return {"stage_index": at.stage_index, "stage": tuple(config.stages)[at.stage_index],
+          "epoch": at.epoch, "batch": at.batch, "global_step": at.global_step,
+          "seed": config.seed, "epoch_sums": at.epoch_sums,
           "resnet_spec": nets.resnet.to_json(), "policy_spec": nets.policy.to_json(),
-          "config": config.to_json(), "metrics": metrics, "static_keep": static_keep}
+          "config": config.to_json(), "metrics": at.last_metrics, "static_keep": static_keep}
 
 
 def _policy_starting_at_static_subset(run: Run, params: dict) -> dict:
@@ -408,125 +424,158 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     return _train(config, workdir, progress, closing)
 
 
+@dataclasses.dataclass
+class Loop:
+  """What the training loop works with besides the train state and its position."""
+
+  run: Run
+  mesh: Mesh
+  ckpts: checkpoint.RunCheckpoints
+  log: Optional[MetricsLog]  # process 0's
+  progress: bool
+  key: jax.Array  # the run's base key: stage keys fold in the stage, step keys the global step
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
            closing: contextlib.ExitStack) -> dict:
   validate(config)
   parallel.initialize_distributed(config.distributed)
   mesh = parallel.data_mesh()
   chief = jax.process_index() == 0
-  progress = progress and chief
   storage.workdir(workdir).mkdir(parents=True, exist_ok=True)
   train_ds, validation_ds, test_ds = load_data(config)
   validate(config, len(train_ds), jax.device_count())
-  base_key = jax.random.key(config.seed)
-  nets, params, stats = initial_variables(config, base_key)
+  key = jax.random.key(config.seed)
+  nets, params, stats = initial_variables(config, key)
   run = Run(config, nets, train_ds, validation_ds, test_ds,  # a host copy: steps donate their state
             jax.device_get({"params": params["resnet"], "batch_stats": stats["resnet"]}))
   ckpts = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
   closing.callback(ckpts.close)
-  stages = tuple(config.stages)
-
-  # Where to start: the latest checkpoint, if any.
-  stage_index, epoch, batch, global_step, state, tx = 0, 0, 0, 0, None, None
-  budget_multiplier = 0.0  # carried from stage to stage
-  sums_so_far, last_metrics = {}, {}
-  latest = ckpts.latest_step()
-  if latest is not None:
-    meta = ckpts.restore_meta(latest)
-    changed = config_changes(json.loads(meta["config"]), config.to_dict())
-    if changed:
-      raise BlockDropError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
-                           "resume it with the same config, or use a new --workdir")
-    stage_index, epoch, batch, global_step = (meta["stage_index"], meta["epoch"], meta["batch"],
-                                              meta["global_step"])
-    sums_so_far, last_metrics = meta["epoch_sums"], meta["metrics"]
-    if meta.get("static_keep") is not None:
-      run.static_keep = np.asarray(meta["static_keep"], np.float32)
-    steps_per_epoch = len(train_ds) // config[stages[stage_index]].batch_size
-    template, tx = _fresh_state(run, stages[stage_index], params, stats, steps_per_epoch)
-    state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
-    params, stats = state.params, state.batch_stats
-  elif config.policy_init_static:
-    params = _policy_starting_at_static_subset(run, params)
-  log = MetricsLog(workdir, global_step) if chief else None
+  at, state, tx, params = _start(run, ckpts, mesh, workdir, params, stats)
+  log = MetricsLog(workdir, at.global_step) if chief else None
   if log:
     closing.callback(log.close)
-
-  for stage_index in range(stage_index, len(stages)):
-    stage = stages[stage_index]
-    cfg = config[stage]
-    steps_per_epoch = len(train_ds) // cfg.batch_size
-    if state is None:
-      state, tx = _fresh_state(run, stage, params, stats, steps_per_epoch, budget_multiplier)
+  loop = Loop(run, mesh, ckpts, log, progress and chief, key)
+  stages, budget_multiplier = tuple(config.stages), 0.0  # the multiplier carries across stages
+  for at.stage_index in range(at.stage_index, len(stages)):
+    stage = stages[at.stage_index]
+    if state is None:  # a new stage: from the last one's weights and budget multiplier
+      state, tx = _fresh_state(run, stage, params, stats, len(train_ds) // config[stage].batch_size,
+                               budget_multiplier)
       if stage == "finetune" and config.finetune.static:
         run.static_keep = choose_static_subset(run, config.block_budget.fraction)
     state = parallel.replicate(state, mesh)
     step_fn = compiled_step(run, stage, tx, mesh)
-    stage_key = jax.random.fold_in(base_key, stage_index)
-    K = nets.resnet.num_blocks
-    for epoch in range(epoch, cfg.epochs):
-
-      def controlled(b, epoch=epoch, steps_per_epoch=steps_per_epoch):  # k of batch b
-        if stage != "curriculum":
-          return K
-        return curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block,
-                                            epoch * steps_per_epoch + b, cfg.steps_per_block)
-
-      order = epoch_order(config.seed + 1000 * stage_index, epoch, len(train_ds))
-      pending = PendingMetrics(sums_so_far)
-      bar = tqdm(range(batch, steps_per_epoch), desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-                 disable=not progress, leave=False, unit="step")
-
-      def load_batch(b, order=order, size=cfg.batch_size):  # this process's rows of batch b
-        idx = order[b * size:(b + 1) * size]
-        idx = idx[parallel.process_rows(len(idx))]
-        return train_ds.images[idx], train_ds.labels[idx]
-
-      batches = prefetched(load_batch, range(batch, steps_per_epoch))
-      started, first_batch = time.perf_counter(), batch
-      for b in bar:
-        key = jax.random.fold_in(stage_key, global_step)
-        images, labels = parallel.global_batch(mesh, *next(batches))
-        state, metrics = step_fn(state, images, labels, key, jnp.int32(controlled(b)))
-        pending.add(metrics)
-        global_step += 1
-        every = config.checkpoint_every_steps
-        save = every and global_step % every == 0 and b + 1 < steps_per_epoch
-        if save or (b + 1) % config.log_every_steps == 0 or b + 1 == steps_per_epoch:
-          shown = pending.fetch(f"{stage}, epoch {epoch + 1}, by step {global_step}")
-          bar.set_postfix({n: f"{shown[n]:.3f}" for n in ("reward", "accuracy",
-                                                         "accuracy_sampled", "blocks_sampled")
-                           if n in shown})
-        if save:
-          saving = time.perf_counter()
-          ckpts.save(global_step, state, _meta(run, stage_index, epoch, b + 1,
-                                               global_step, last_metrics, pending.sums))
-          started += time.perf_counter() - saving  # not step time
-      sums = pending.sums
-      seconds = time.perf_counter() - started
-      batch, sums_so_far = 0, {}
-      k = controlled(steps_per_epoch - 1)  # as the epoch ended
-      record = {"stage": stage, "epoch": epoch + 1, "step": global_step, "k": k,
-                **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()},
-                **epoch_throughput(seconds, steps_per_epoch - first_batch, cfg.batch_size)}
-      evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == cfg.epochs
-      score = None
-      if evaluated:
-        record.update(evaluate_stage(run, stage, state, k))
-        # Only full-control (k = K) BlockDrop policies compete for "best".
-        score = selection_score(record) if k == K else None
-      last_metrics = record
-      if log:
-        log.write(record)
-      if evaluated or (epoch + 1) % config.checkpoint_every_epochs == 0:
-        ckpts.save(global_step, state, _meta(run, stage_index, epoch + 1, 0, global_step,
-                                             record), score if stage != "pretrain" else None)
-      if chief:
-        tqdm.write(_summary(record))
-    epoch = 0
+    for at.epoch in range(at.epoch, config[stage].epochs):
+      state = _train_epoch(loop, step_fn, state, at)
+    at.epoch = 0
     params, stats, budget_multiplier = state.params, state.batch_stats, state.budget_multiplier
     state = None
-  return last_metrics
+  return at.last_metrics
+
+
+def _start(run: Run, ckpts: checkpoint.RunCheckpoints, mesh: Mesh, workdir: str, params, stats):
+  """(position, train state or None, its optimiser, params): the latest checkpoint's, if the
+  workdir has one (with the same config), else the start of the first stage."""
+  config, stages = run.config, tuple(run.config.stages)
+  latest = ckpts.latest_step()
+  if latest is None:
+    if config.policy_init_static:
+      params = _policy_starting_at_static_subset(run, params)
+    return Position(), None, None, params
+  meta = ckpts.restore_meta(latest)
+  changed = config_changes(json.loads(meta["config"]), config.to_dict())
+  if changed:
+    raise BlockDropError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+                         "resume it with the same config, or use a new --workdir")
+  at = Position(meta["stage_index"], meta["epoch"], meta["batch"], meta["global_step"],
+                meta["epoch_sums"], meta["metrics"])
+  if meta.get("static_keep") is not None:
+    run.static_keep = np.asarray(meta["static_keep"], np.float32)
+  steps_per_epoch = len(run.train) // config[stages[at.stage_index]].batch_size
+  template, tx = _fresh_state(run, stages[at.stage_index], params, stats, steps_per_epoch)
+  state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
+  return at, state, tx, state.params
+
+
+def _controlled_blocks(run: Run, stage: str, epoch: int, batch: int) -> int:
+  """k, the blocks the policy controls at ``batch`` of ``epoch`` (all of them after the
+  curriculum)."""
+  K, cfg = run.nets.resnet.num_blocks, run.config[stage]
+  if stage != "curriculum":
+    return K
+  steps_per_epoch = len(run.train) // cfg.batch_size
+  return curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block,
+                                      epoch * steps_per_epoch + batch, cfg.steps_per_block)
+
+
+def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainState:
+  """The steps of epoch ``at.epoch`` from batch ``at.batch`` on (``at`` moves with them), with
+  checkpoints inside the epoch where configured, then ``_end_epoch``."""
+  run, config = loop.run, loop.run.config
+  stage = tuple(config.stages)[at.stage_index]
+  cfg = config[stage]
+  steps_per_epoch = len(run.train) // cfg.batch_size
+  order = epoch_order(config.seed + 1000 * at.stage_index, at.epoch, len(run.train))
+  stage_key = jax.random.fold_in(loop.key, at.stage_index)
+  pending = PendingMetrics(at.epoch_sums)
+
+  def load_batch(b):  # this process's rows of batch b
+    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+    idx = idx[parallel.process_rows(len(idx))]
+    return run.train.images[idx], run.train.labels[idx]
+
+  first_batch, started = at.batch, time.perf_counter()
+  batches = prefetched(load_batch, range(first_batch, steps_per_epoch))
+  bar = tqdm(range(first_batch, steps_per_epoch), desc=f"{stage} {at.epoch + 1}/{cfg.epochs}",
+             disable=not loop.progress, leave=False, unit="step")
+  for b in bar:
+    images, labels = parallel.global_batch(loop.mesh, *next(batches))
+    state, metrics = step_fn(state, images, labels, jax.random.fold_in(stage_key, at.global_step),
+                             jnp.int32(_controlled_blocks(run, stage, at.epoch, b)))
+    pending.add(metrics)
+    at.global_step += 1
+    every = config.checkpoint_every_steps
+    save = every and at.global_step % every == 0 and b + 1 < steps_per_epoch
+    if save or (b + 1) % config.log_every_steps == 0 or b + 1 == steps_per_epoch:
+      shown = pending.fetch(f"{stage}, epoch {at.epoch + 1}, by step {at.global_step}")
+      bar.set_postfix({n: f"{shown[n]:.3f}" for n in ("reward", "accuracy", "accuracy_sampled",
+                                                     "blocks_sampled") if n in shown})
+    if save:
+      saving = time.perf_counter()
+      at.batch, at.epoch_sums = b + 1, pending.sums
+      loop.ckpts.save(at.global_step, state, _meta(run, at))
+      started += time.perf_counter() - saving  # not step time
+  _end_epoch(loop, state, at, pending.sums,
+             epoch_throughput(time.perf_counter() - started, steps_per_epoch - first_batch,
+                              cfg.batch_size))
+  return state
+
+
+def _end_epoch(loop: Loop, state: TrainState, at: Position, sums: dict, throughput: dict) -> None:
+  """The epoch's record (training means, throughput, evaluation where due), logged and printed,
+  and its checkpoint (also as best when it is); ``at`` moves to the next epoch's start."""
+  run, config = loop.run, loop.run.config
+  stage = tuple(config.stages)[at.stage_index]
+  steps_per_epoch = len(run.train) // config[stage].batch_size
+  k = _controlled_blocks(run, stage, at.epoch, steps_per_epoch - 1)  # as the epoch ended
+  record = {"stage": stage, "epoch": at.epoch + 1, "step": at.global_step, "k": k,
+            **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}, **throughput}
+  evaluated = (at.epoch + 1) % config.eval_every == 0 or at.epoch + 1 == config[stage].epochs
+  score = None
+  if evaluated:
+    record.update(evaluate_stage(run, stage, state, k))
+    # Only full-control (k = K) BlockDrop policies compete for "best".
+    score = selection_score(record) if k == run.nets.resnet.num_blocks else None
+  at.batch, at.epoch_sums, at.last_metrics = 0, {}, record
+  if loop.log:
+    loop.log.write(record)
+  if evaluated or (at.epoch + 1) % config.checkpoint_every_epochs == 0:
+    saved = dataclasses.replace(at, epoch=at.epoch + 1)
+    loop.ckpts.save(at.global_step, state, _meta(run, saved),
+                    score if stage != "pretrain" else None)
+  if jax.process_index() == 0:
+    tqdm.write(_summary(record))
 
 
 # Wall-clock fields of a metrics record: they differ between runs of the same config (and include

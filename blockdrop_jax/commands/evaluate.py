@@ -101,13 +101,8 @@ def main(argv) -> int:
           "included; benchmarks/speed.py measures steady state)")
     if BASELINES.value:
       from blockdrop_jax import references, trainer
-      if meta is None:  # the original's checkpoint: no config, so no selection images
-        result["baselines"] = references.references(nets, params, stats, dataset,
-                                                    result["blocks_mean"],
-                                                    batch_size=BATCH_SIZE.value)
-      else:
-        result["baselines"] = trainer.run_references(nets, params, stats, meta, dataset,
-                                                     result["blocks_mean"], BATCH_SIZE.value)
+      result["baselines"] = trainer.run_references(nets, params, stats, meta, dataset,
+                                                   result["blocks_mean"], BATCH_SIZE.value)
       print(references.format_references(result["baselines"]))
     spec = nets.resnet
     if REPORT.value:
