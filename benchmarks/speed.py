@@ -96,9 +96,7 @@ def fresh_policy(spec, keep: float) -> tuple:
   lower values keep fewer blocks."""
   policy_spec = resnet.policy_spec(spec)
   variables = resnet.init(policy_spec, jax.random.key(1))
-  fc = variables["params"]["fc"]
-  variables["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], np.log(keep / (1 - keep)))}
-  return policy_spec, variables
+  return policy_spec, resnet.with_policy_bias(variables, np.log(keep / (1 - keep)))
 
 
 class TrainedRun:

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import optax
 
-from blockdrop_jax import evaluation, steps
+from blockdrop_jax import evaluation, execution, steps
 from blockdrop_jax.data import Dataset
 from blockdrop_jax.models import resnet
 
@@ -54,8 +54,8 @@ def greedy_elimination(nets: steps.Nets, params, stats, selection: Dataset, smal
 
 def most_frequent_policy(policies: np.ndarray) -> np.ndarray:
   """The row that occurs most often in ``policies`` (N, K)."""
-  unique, counts = np.unique(np.asarray(policies) > 0.5, axis=0, return_counts=True)
-  return unique[int(np.argmax(counts))].astype(np.float32)
+  policies = np.asarray(policies)
+  return (policies[execution.group_by_policy(policies)[0][0]] > 0.5).astype(np.float32)
 
 
 def fixed_k_policies(n: int, K: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:

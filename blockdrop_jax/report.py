@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blockdrop_jax import (checkpoint, configs, evaluation, flops, references, storage,  # noqa: E402
-                           trainer)
+from blockdrop_jax import (checkpoint, configs, evaluation, execution, flops,  # noqa: E402
+                           references, storage, trainer)
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -85,21 +85,17 @@ def keep_rate_figure(policies: np.ndarray, out_dir: str) -> str:
 def policy_gallery(images: np.ndarray, policies: np.ndarray, out_dir: str, groups: int = 4,
                    per_group: int = 8) -> str:
   """(d) test images grouped by their most frequent policy vectors."""
-  unique, inverse, counts = np.unique(policies > 0.5, axis=0, return_inverse=True,
-                                      return_counts=True)
-  inverse = inverse.reshape(-1)
-  order = np.argsort(-counts)[:groups]
-  fig, axes = plt.subplots(len(order), per_group, figsize=(per_group * 1.1, len(order) * 1.35),
+  largest = execution.group_by_policy(policies)[:groups]
+  fig, axes = plt.subplots(len(largest), per_group, figsize=(per_group * 1.1, len(largest) * 1.35),
                            squeeze=False)
-  for row, g in enumerate(order):
-    members = np.flatnonzero(inverse == g)[:per_group]
-    bits = "".join("1" if b else "0" for b in unique[g])
+  for row, group in enumerate(largest):
+    bits = "".join("1" if b > 0.5 else "0" for b in policies[group[0]])
     for col in range(per_group):
       ax = axes[row, col]
       ax.axis("off")
-      if col < len(members):
-        ax.imshow(images[members[col]])
-    axes[row, 0].set_title(f"policy {bits} ({counts[g]} images)", fontsize=8, loc="left")
+      if col < len(group):
+        ax.imshow(images[group[col]])
+    axes[row, 0].set_title(f"policy {bits} ({len(group)} images)", fontsize=8, loc="left")
   fig.suptitle("Images sharing the most frequent policies", fontsize=10)
   return _save(fig, out_dir, "policy_gallery.png")
 

@@ -156,8 +156,7 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   if config.policy_init:
     policy = convert.policy_from_resnet(policy_spec, policy, config.policy_init)
   if config.policy_init_bias:
-    fc = policy["params"]["fc"]
-    policy["params"]["fc"] = {**fc, "bias": jnp.full_like(fc["bias"], config.policy_init_bias)}
+    policy = resnet.with_policy_bias(policy, config.policy_init_bias)
   nets = Nets(spec, policy_spec, **options)
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
@@ -380,9 +379,8 @@ def _policy_starting_at_static_subset(run: Run, params: dict) -> dict:
   block budget, -b on the others."""
   bias = run.config.policy_init_bias or 3.0
   keep = choose_static_subset(run, run.config.block_budget.fraction)
-  fc = params["policy"]["fc"]
-  fc = {**fc, "bias": jnp.asarray(np.where(keep > 0.5, bias, -bias), fc["bias"].dtype)}
-  return {**params, "policy": {**params["policy"], "fc": fc}}
+  policy = resnet.with_policy_bias({"params": params["policy"]}, np.where(keep > 0.5, bias, -bias))
+  return {**params, "policy": policy["params"]}
 
 
 def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int, budget_multiplier=0.0):

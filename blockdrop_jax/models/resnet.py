@@ -265,6 +265,14 @@ def apply(spec: ResNetSpec, variables, images, policy=None, train: bool = False)
   return model.apply(variables, images, policy)
 
 
+def with_policy_bias(variables: dict, bias) -> dict:
+  """A policy network's variables with its classifier's bias set to ``bias`` (one logit for
+  every block, or one per block): where BlockDrop's keep probabilities start."""
+  fc = variables["params"]["fc"]
+  fc = {**fc, "bias": jnp.broadcast_to(jnp.asarray(bias, fc["bias"].dtype), fc["bias"].shape)}
+  return {**variables, "params": {**variables["params"], "fc": fc}}
+
+
 def policy_spec(base: ResNetSpec, arch: Optional[str] = None,
                 input_pool: Optional[int] = None) -> ResNetSpec:
   """The BlockDrop policy network for ``base``: ResNet-8 (CIFAR) or ResNet-10 at 112 px (ImageNet).
