@@ -24,9 +24,13 @@ def test_cpu_compiles_without_ynnpack_fusions_unless_asked(fresh_options):
   assert jax.default_backend() == "cpu"
   assert compilation.compiler_options() == compilation.CPU_OPTIONS
   x, w = jnp.ones((8, 32, 32, 16)), jnp.ones((3, 3, 16, 16))
-  hlo = jax.jit(_conv_weight_gradient, compiler_options=compilation.compiler_options()).lower(
-      x, w).compile().as_text()
-  assert "ynn_fusion" not in hlo
+
+  def compiled(options):
+    return jax.jit(_conv_weight_gradient, compiler_options=options).lower(x, w).compile().as_text()
+
+  if "ynn_fusion" not in compiled({}):
+    pytest.skip("this jaxlib makes no YNNPACK fusions: nothing to turn off")
+  assert "ynn_fusion" not in compiled(compilation.compiler_options())
   compilation.compiler_options.cache_clear()
   fresh_options.setenv(compilation.DEFAULTS_ENV, "1")
   assert compilation.compiler_options() == {}
