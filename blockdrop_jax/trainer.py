@@ -206,6 +206,7 @@ def policy_loss(config, stage: str) -> PolicyLoss:
 
 
 def distillation(config, stage: str) -> steps.Distillation:
+  """Finetuning's distillation settings (none in the other stages)."""
   if stage != "finetune":
     return steps.Distillation()
   return steps.Distillation(config.finetune.distill_weight, config.finetune.distill_temperature)

@@ -33,6 +33,23 @@ def test_block_budget_must_be_a_fraction(shared_data):
       "--config.block_budget.fraction=24")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (("--config.stages=finetune", "--config.init_from=run", "--config.finetune.distill_weight=2"),
+     "distill_weight (2.0) must be in [0, 1]"),
+    (("--config.stages=finetune", "--config.init_from=run", "--config.finetune.static=true",
+      "--config.block_budget.fraction=0.5"), "set config.block_budget.fraction and "
+     "config.data.validation"),
+    (("--config.finetune.distill_weight=0.5",), "start from a trained ResNet: pretrain in one run"),
+])
+def test_switches_beyond_the_original_say_what_they_need(shared_data, overrides, message):
+  assert message in _config_error(*overrides)
+
+
+def test_validation_split_must_leave_training_images(tmp_path, shared_data):
+  _one_line_error(run_train(tmp_path, "--config.data.validation=48"),
+                  "config.data.validation = 48 must be between 0 and the 48 training images")
+
+
 def test_batch_larger_than_data(shared_data):
   assert "larger than the 48 training images" in _config_error("--config.curriculum.batch_size=128")
 
