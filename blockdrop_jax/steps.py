@@ -157,7 +157,7 @@ def _this_devices_draws(nets: Nets, draw, key, rows: int):
                       draw(key, rows * devices))
 
 
-def _inputs(nets: Nets, key, images):
+def training_inputs(nets: Nets, key, images):
   """Training inputs: random crop and flip. CIFAR images are padded by 4 and cropped back to 32;
   larger images (ImageNet, stored at 256) give random crops of the network's input size."""
   x = to_unit_float(images)
@@ -207,7 +207,7 @@ def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key, keep=N
   """Training of the ResNet alone (BatchNorm in training mode): every block, or the fixed subset
   ``keep`` (K,) for every image (the static reference), with cross-entropy or ``distillation``
   from ``teacher``."""
-  x = _inputs(nets, key, images)
+  x = training_inputs(nets, key, images)
   policy = None if keep is None else jnp.broadcast_to(keep, (x.shape[0], keep.shape[-1]))
 
   def loss_fn(params):
@@ -223,7 +223,9 @@ def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key, keep=N
                                    nets.axis_name)
 
 
-def _policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
+def policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
+  """The policy network on a batch (training mode): (log p', log(1 - p'), the sampled policy,
+  the greedy policy, its new batch statistics), the sample drawn with ``key``."""
   logits, policy_stats = _forward(nets, nets.policy, params["policy"], stats["policy"], x,
                                   train=True)
   log_p, log_not_p = rewards.bounded_log_probs(logits, loss.alpha)
@@ -252,7 +254,7 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   blocks; it may be a traced value, so the whole curriculum compiles once.
   """
   K = nets.resnet.num_blocks
-  log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
+  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key)
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
@@ -262,14 +264,17 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   else:
     logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
     logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
-  total, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                    logits_greedy, labels, mask, entropy=True, mean=True,
-                                    budget_multiplier=budget_multiplier)
+  total, metrics = policy_gradient_loss(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                                        logits_greedy, labels, mask, entropy=True, mean=True,
+                                        budget_multiplier=budget_multiplier)
   return total, (metrics, policy_stats)
 
 
-def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                     logits_greedy, labels, mask, entropy: bool, mean: bool, budget_multiplier=0.0):
+def policy_gradient_loss(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                         logits_greedy, labels, mask, entropy: bool, mean: bool,
+                         budget_multiplier=0.0):
+  """The self-critical policy-gradient loss (with the entropy bonus if ``entropy``; averaged over
+  the batch if ``mean``) over the blocks in ``mask``, and the policy's metrics."""
   batch = labels.shape[0]
   correct_sampled = logits_sampled.argmax(-1) == labels
   reward_sampled = rewards.reward(sampled, correct_sampled, loss.penalty)
@@ -303,7 +308,7 @@ def _policy_gradient(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, logits
 def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key, k):
   """One curriculum update of the policy network; the ResNet stays frozen."""
   aug_key, sample_key = jax.random.split(key)
-  x = _inputs(nets, aug_key, images)
+  x = training_inputs(nets, aug_key, images)
   grad_fn = jax.value_and_grad(
       lambda p: curriculum_loss(nets, loss, p, state.batch_stats, x, labels, sample_key, k,
                                 state.budget_multiplier),
@@ -322,7 +327,7 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   sampled pass (or with ``loss.distillation`` from ``teacher_logits``). Both ResNet passes run
   with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
   only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one)."""
-  log_p, log_not_p, sampled, greedy, policy_stats = _policy_pass(nets, loss, params, stats, x, key)
+  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key)
   learning, frozen = params["resnet"], jax.lax.stop_gradient(params["resnet"])
   greedy_weights, sampled_weights = ((learning, frozen) if loss.resnet_learns_greedy
                                      else (frozen, learning))
@@ -331,9 +336,10 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   logits_sampled, resnet_stats = _forward(nets, nets.resnet, sampled_weights, resnet_stats, x,
                                           sampled, train=True)
   ones = jnp.ones((nets.resnet.num_blocks,))
-  pg, metrics = _policy_gradient(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
-                                 jax.lax.stop_gradient(logits_greedy), labels, ones, entropy=False,
-                                 mean=loss.finetune_pg_mean, budget_multiplier=budget_multiplier)
+  pg, metrics = policy_gradient_loss(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
+                                     jax.lax.stop_gradient(logits_greedy), labels, ones,
+                                     entropy=False, mean=loss.finetune_pg_mean,
+                                     budget_multiplier=budget_multiplier)
   cross_entropy = classification_loss(
       loss.distillation, logits_greedy if loss.resnet_learns_greedy else logits_sampled, labels,
       teacher_logits)
@@ -349,7 +355,7 @@ def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, l
   """One joint update of the policy network and the ResNet (``teacher``: the ResNet that
   ``loss.distillation`` distils from)."""
   aug_key, sample_key = jax.random.split(key)
-  x = _inputs(nets, aug_key, images)
+  x = training_inputs(nets, aug_key, images)
   teacher_logits = _teacher_logits(nets, teacher, x)
   grad_fn = jax.value_and_grad(
       lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key,

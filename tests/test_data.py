@@ -72,7 +72,7 @@ def test_cifar100_records_use_the_fine_label(tmp_path):
 
 def test_augmentation_is_deterministic_and_a_padded_crop_or_flip():
   images = jax.random.uniform(jax.random.key(0), (16, 32, 32, 3))
-  def augment(key):  # as the training steps do (steps._inputs)
+  def augment(key):  # as the training steps do (steps.training_inputs)
     return data.apply_crop_flip(images, *data.crop_flip_draws(key, 16, 8), pad=4)
 
   a = augment(jax.random.key(1))

@@ -85,8 +85,8 @@ def test_policy_gradient_loss_matches_the_formula(entropy, mean, controlled_only
   loss = steps.PolicyLoss(alpha=0.8, beta=0.1, penalty=-3.0,
                           entropy_controlled_only=controlled_only)
   log_p, log_not_p = rewards.bounded_log_probs(jnp.asarray(logits), loss.alpha)
-  ours, _ = steps._policy_gradient(loss, log_p, log_not_p, u, u_map, logits_u, logits_map, labels,
-                                   mask, entropy=entropy, mean=mean)
+  ours, _ = steps.policy_gradient_loss(loss, log_p, log_not_p, u, u_map, logits_u, logits_map,
+                                       labels, mask, entropy=entropy, mean=mean)
   expected = _numpy_loss(logits, u, u_map, logits_u.argmax(1) == labels,
                          logits_map.argmax(1) == labels, mask, loss, entropy, mean)
   np.testing.assert_allclose(ours, expected, rtol=1e-5)
@@ -102,8 +102,9 @@ def test_forced_blocks_get_no_policy_gradient():
 
   def pg(lg):
     log_p, log_not_p = rewards.bounded_log_probs(lg, loss.alpha)
-    return steps._policy_gradient(loss, log_p, log_not_p, u, jnp.ones((4, 5)), wrong, jnp.eye(2)[labels],
-                                  labels, mask, entropy=False, mean=True)[0]
+    return steps.policy_gradient_loss(loss, log_p, log_not_p, u, jnp.ones((4, 5)), wrong,
+                                      jnp.eye(2)[labels], labels, mask, entropy=False,
+                                      mean=True)[0]
 
   grad = jax.grad(pg)(logits)
   np.testing.assert_array_equal(grad[:, :3], 0.0)

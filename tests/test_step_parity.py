@@ -106,7 +106,7 @@ def test_steps_equal_the_original_in_pytorch(train_records, layout, stage):
     key, k = jax.random.key(i), min(i + 1, K) if not finetune else K
     # The step's own crops, flips and uniform draws, given to PyTorch.
     aug_key, sample_key = jax.random.split(key)
-    x = steps._inputs(nets, aug_key, images)
+    x = steps.training_inputs(nets, aug_key, images)
     uniforms = np.asarray(jax.random.uniform(sample_key, (batch, K)))
     # The original normalises in its data pipeline, our networks in their stem.
     normalised = ((np.asarray(x) - np.asarray(spec.input_mean, np.float32))

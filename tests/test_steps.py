@@ -42,7 +42,7 @@ def test_finetune_resnet_gradient_is_the_sampled_cross_entropy_alone(setup, gree
   key = jax.random.key(4)
   (_, (metrics, _)), grads = jax.jit(jax.value_and_grad(
       lambda p: steps.finetune_loss(nets, loss, p, stats, x, labels, key), has_aux=True))(params)
-  _, _, sampled, greedy_policy, _ = steps._policy_pass(nets, loss, params, stats, x, key)
+  _, _, sampled, greedy_policy, _ = steps.policy_pass(nets, loss, params, stats, x, key)
   assert not np.array_equal(sampled, greedy_policy)
   sampled = greedy_policy if greedy else sampled
 
@@ -92,7 +92,7 @@ def test_block_budget_prices_the_blocks_a_sample_runs_beyond_the_greedy_policy(s
   key = jax.random.key(6)
   free = steps.finetune_loss(nets, loss, params, stats, x, labels, key)[0]
   priced = steps.finetune_loss(nets, loss, params, stats, x, labels, key, budget_multiplier=0.7)[0]
-  log_p, log_not_p, sampled, greedy, _ = steps._policy_pass(nets, loss, params, stats, x, key)
+  log_p, log_not_p, sampled, greedy, _ = steps.policy_pass(nets, loss, params, stats, x, key)
   log_lik = jnp.sum(sampled * log_p + (1 - sampled) * log_not_p, -1)
   extra = jnp.mean(sampled, -1) - jnp.mean(greedy, -1)
   assert float(jnp.abs(extra).sum()) > 0  # the samples differ from the greedy policy
@@ -137,7 +137,7 @@ def test_finetune_distils_the_teacher_at_temperature(setup, weight):
   teacher_logits = resnet.ResNet(nets.resnet).apply(teacher, x)
   grads = jax.jit(jax.grad(lambda p: steps.finetune_loss(
       nets, loss, p, stats, x, labels, key, teacher_logits=teacher_logits)[0]))(params)
-  sampled = steps._policy_pass(nets, loss, params, stats, x, key)[2]
+  sampled = steps.policy_pass(nets, loss, params, stats, x, key)[2]
 
   def written_out(resnet_params):
     logits, _ = resnet.ResNet(nets.resnet).apply(
