@@ -106,8 +106,8 @@ def references(nets: steps.Nets, params, stats, dataset: Dataset, mean_blocks: f
     if mode:
       chosen = evaluation.blockdrop_report(nets, params, stats, selection, batch_size,
                                            progress=False)["policies"]
-      mode = most_frequent_policy(np.asarray(chosen))
-      out["mode"] = {**report(everywhere(mode)), "blocks": _names(mode)}
+      frequent = most_frequent_policy(np.asarray(chosen))
+      out["mode"] = {**report(everywhere(frequent)), "blocks": _names(frequent)}
   return out
 
 
