@@ -384,8 +384,12 @@ def _policy_starting_at_static_subset(run: Run, params: dict) -> dict:
   return {**params, "policy": policy["params"]}
 
 
-def _fresh_state(run: Run, stage: str, params, stats, steps_per_epoch: int, budget_multiplier=0.0):
-  tx = steps.make_optimizer(stage, run.config[stage], steps_per_epoch)
+def _steps_per_epoch(run: Run, stage: str) -> int:
+  return len(run.train) // run.config[stage].batch_size
+
+
+def _fresh_state(run: Run, stage: str, params, stats, budget_multiplier=0.0):
+  tx = steps.make_optimizer(stage, run.config[stage], _steps_per_epoch(run, stage))
   return create_state(params, stats, tx, budget_multiplier), tx
 
 
@@ -459,8 +463,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
   for at.stage_index in range(at.stage_index, len(stages)):
     stage = stages[at.stage_index]
     if state is None:  # a new stage: from the last one's weights and budget multiplier
-      state, tx = _fresh_state(run, stage, params, stats, len(train_ds) // config[stage].batch_size,
-                               budget_multiplier)
+      state, tx = _fresh_state(run, stage, params, stats, budget_multiplier)
       if stage == "finetune" and config.finetune.static:
         run.static_keep = choose_static_subset(run, config.block_budget.fraction)
     state = parallel.replicate(state, mesh)
@@ -491,8 +494,7 @@ def _start(run: Run, ckpts: checkpoint.RunCheckpoints, mesh: Mesh, workdir: str,
                 meta["epoch_sums"], meta["metrics"])
   if meta.get("static_keep") is not None:
     run.static_keep = np.asarray(meta["static_keep"], np.float32)
-  steps_per_epoch = len(run.train) // config[stages[at.stage_index]].batch_size
-  template, tx = _fresh_state(run, stages[at.stage_index], params, stats, steps_per_epoch)
+  template, tx = _fresh_state(run, stages[at.stage_index], params, stats)
   state, _ = ckpts.restore(latest, checkpoint.abstract(parallel.replicate(template, mesh)))
   return at, state, tx, state.params
 
@@ -503,9 +505,9 @@ def _controlled_blocks(run: Run, stage: str, epoch: int, batch: int) -> int:
   K, cfg = run.nets.resnet.num_blocks, run.config[stage]
   if stage != "curriculum":
     return K
-  steps_per_epoch = len(run.train) // cfg.batch_size
   return curriculum.controlled_blocks(epoch, K, cfg.epochs_per_block,
-                                      epoch * steps_per_epoch + batch, cfg.steps_per_block)
+                                      epoch * _steps_per_epoch(run, stage) + batch,
+                                      cfg.steps_per_block)
 
 
 def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainState:
@@ -514,7 +516,7 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
   run, config = loop.run, loop.run.config
   stage = tuple(config.stages)[at.stage_index]
   cfg = config[stage]
-  steps_per_epoch = len(run.train) // cfg.batch_size
+  steps_per_epoch = _steps_per_epoch(run, stage)
   order = epoch_order(config.seed + 1000 * at.stage_index, at.epoch, len(run.train))
   stage_key = jax.random.fold_in(loop.key, at.stage_index)
   pending = PendingMetrics(at.epoch_sums)
@@ -556,7 +558,7 @@ def _end_epoch(loop: Loop, state: TrainState, at: Position, sums: dict, throughp
   and its checkpoint (also as best when it is); ``at`` moves to the next epoch's start."""
   run, config = loop.run, loop.run.config
   stage = tuple(config.stages)[at.stage_index]
-  steps_per_epoch = len(run.train) // config[stage].batch_size
+  steps_per_epoch = _steps_per_epoch(run, stage)
   k = _controlled_blocks(run, stage, at.epoch, steps_per_epoch - 1)  # as the epoch ended
   record = {"stage": stage, "epoch": at.epoch + 1, "step": at.global_step, "k": k,
             **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}, **throughput}
