@@ -53,16 +53,15 @@ def run_one(config: str, overrides: list[str], workdir: str, data: str) -> dict:
   with open(result_path) as f:
     result = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    last = json.loads(f.read().splitlines()[-1])
+    records = [json.loads(line) for line in f.read().splitlines()]
   refs = result["baselines"]
   k = int(round(result["blocks_mean"]))
-  row = {"accuracy": result["accuracy"], "val_accuracy": last.get("val_accuracy", np.nan),
+  row = {"accuracy": result["accuracy"], "val_accuracy": records[-1].get("val_accuracy", np.nan),
          "blocks": result["blocks_mean"], "blocks_std": result["blocks_std"],
          "unique": result["unique_policies"], "flops": result["flops_mean"],
          "num_blocks": result["num_blocks"], "pretrained": refs["pretrained"]["accuracy"],
          "pretrained_flops": refs["pretrained"]["flops_mean"],
-         "train_seconds": sum(json.loads(line)["train_seconds"]
-                              for line in open(os.path.join(workdir, "metrics.jsonl")))}
+         "train_seconds": sum(record["train_seconds"] for record in records)}
   for name, key in (("first_k", f"first{k}"), ("random_k", f"random{k}"),
                     ("static_k", f"static{k}"), ("mode", "mode")):
     row[name] = refs[key]["accuracy"] if key in refs else np.nan
