@@ -1,14 +1,17 @@
 """Orbax checkpoints of a whole run: train state plus a JSON record of where the run stands.
 
-Layout of a workdir: ``checkpoints/<global step>/{state,meta}`` keeps the last few, ``best/<step>``
-keeps the best by test accuracy. Orbax writes each step to a temporary folder and renames it when
-complete, so a killed run never leaves a half checkpoint that looks finished.
+Layout of a workdir: ``checkpoints/<global step>/{state,meta}``, one manager keeping the last few
+steps and the best one by its score (``trainer.selection_score``). Saves are asynchronous: the
+state is copied to the host, then written while the next steps run. Orbax writes each step to a
+temporary folder and renames it when complete, so a killed run never leaves a half checkpoint
+that looks finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any, Optional
 
 import jax
@@ -17,7 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from blockdrop_jax import steps, storage
+from blockdrop_jax import parallel, steps, storage
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 
@@ -32,49 +35,63 @@ def _item_handlers() -> dict:
   return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-class RunCheckpoints:
-  """The last ``keep`` checkpoints of a run, and separately the best one."""
+def _score(metrics) -> float:
+  return metrics["score"]
 
-  def __init__(self, workdir: str, keep: int = 3):
+
+# Steps saved without a score (mid-epoch, pretraining, the curriculum) are not candidates for
+# best; orbax warns about each of them.
+logging.getLogger("absl").addFilter(
+    lambda record: "did not provide metrics" not in record.getMessage())
+
+
+class RunCheckpoints:
+  """The last ``keep`` checkpoints of a run and the best one, by the score each was saved with."""
+
+  def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
     self.workdir = storage.workdir(workdir)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=False,
-        preservation_policy=policies.LatestN(n=keep))
-    self.last = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
-                                      item_handlers=_item_handlers())
-    best_options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=False,
-        preservation_policy=policies.BestN(get_metric_fn=lambda metrics: metrics["score"], n=1))
-    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
-                                      item_handlers=_item_handlers())
+        create=True, enable_async_checkpointing=asynchronous, best_fn=_score, best_mode="max",
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False)]))
+    self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
+                                         item_handlers=_item_handlers())
 
   def save(self, step: int, state: Any, meta: dict, score: Optional[float] = None) -> None:
-    """Saves ``state`` (a pytree) and ``meta`` (JSON) as ``step``; also as best when it is."""
+    """Saves ``state`` (a pytree) and ``meta`` (JSON) as ``step``, a candidate for best if it has
+    a ``score``. Returns once the state is on the host; the files are written in the background
+    (``wait``)."""
     check_finite(state, f"state at step {step}")
+    if step in self.manager.all_steps():  # a resumed run reached the step it stopped at
+      self.manager.delete(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self.last.save(step, args=args, force=True)
-    if score is not None:
-      if step in self.best.all_steps():  # left by a run that stopped after saving it
-        self.best.delete(step)
-      self.best.save(step, args=args, metrics={"score": float(score)}, force=True)
-    self.last.wait_until_finished()
-    self.best.wait_until_finished()
+    self.manager.save(step, args=args, force=True,
+                      metrics=None if score is None else {"score": float(score)})
+
+  def wait(self) -> None:
+    """Until every save has been written."""
+    self.manager.wait_until_finished()
+
+  def best_step(self) -> Optional[int]:
+    """The saved step with the highest score; None if no step has one."""
+    step = self.manager.best_step()
+    return step if step is not None and self.manager.metrics(step) else None
 
   def latest_step(self) -> Optional[int]:
-    return self.last.latest_step()
+    return self.manager.latest_step()
 
-  def restore_meta(self, step: int, manager: Optional[ocp.CheckpointManager] = None) -> dict:
-    manager = manager or self.last
+  def restore_meta(self, step: int) -> dict:
     try:
-      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      return self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
-      raise corrupted(f"{manager.directory}/{step}", e) from e
+      raise corrupted(f"{self.manager.directory}/{step}", e) from e
 
-  def restore(self, step: int, abstract_state: Any,
-              manager: Optional[ocp.CheckpointManager] = None) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, meta) of ``step``; ``abstract_state`` gives structure, dtypes and shardings."""
-    manager = manager or self.last
+    manager = self.manager
     try:
       stored = manager.item_metadata(step)["state"].keys()
       missing = {name: value for name, value in ADDED_STATE_FIELDS.items() if name not in stored}
@@ -95,8 +112,8 @@ class RunCheckpoints:
     return state, restored["meta"]
 
   def close(self) -> None:
-    self.last.close()
-    self.best.close()
+    """Waits for the saves in flight, then closes."""
+    self.manager.close()
 
 
 def corrupted(path: str, error: Exception) -> BlockDropError:
@@ -126,18 +143,21 @@ def load_run(workdir: str, best: bool = False) -> tuple[steps.Nets, dict, dict, 
     raise BlockDropError(f"{workdir} is not a training workdir (no checkpoints/ inside)")
   ckpts = RunCheckpoints(workdir)
   try:
-    manager = ckpts.best if best else ckpts.last
-    step = manager.latest_step()  # the best folder keeps only the best
+    step = ckpts.best_step() if best else ckpts.latest_step()
     if step is None:
       raise BlockDropError(f"{workdir} has no {'best ' if best else ''}checkpoint yet")
-    meta = ckpts.restore_meta(step, manager)
+    meta = ckpts.restore_meta(step)
     config = ml_collections.ConfigDict(json.loads(meta["config"]))
     nets = steps.Nets(resnet.ResNetSpec.from_json(meta["resnet_spec"]),
                       resnet.ResNetSpec.from_json(meta["policy_spec"]))
     stage = meta["stage"]
     tx = steps.make_optimizer(stage, config[stage], 1)
-    template = jax.eval_shape(lambda: steps.create_state(*_initial_params(nets), tx))
-    state, meta = ckpts.restore(step, template, manager)
+    # Replicated over every device of every process, whatever topology saved it.
+    everywhere = parallel.replicated(parallel.data_mesh())
+    template = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+        jax.eval_shape(lambda: steps.create_state(*_initial_params(nets), tx)))
+    state, meta = ckpts.restore(step, template)
   finally:
     ckpts.close()
   return nets, state.params, state.batch_stats, meta

@@ -21,13 +21,6 @@ from blockdrop_jax.errors import BlockDropError
 AXIS = "data"
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """``jax.distributed.initialize()`` for multi-host runs (coordinator from the environment:
-  Cloud TPU, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-  if enabled and jax.process_count() == 1:
-    jax.distributed.initialize()
-
-
 def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
 
@@ -43,25 +36,35 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_divisible(batch: int, devices: int, what: str = "batch size") -> None:
   """A batch must split into equal, non-empty parts over the devices."""
   if batch < 1 or batch % devices:
-    raise BlockDropError(f"{what} = {batch} does not split over {devices} devices; use a "
-                         f"multiple of {devices}")
+    processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    raise BlockDropError(f"{what} = {batch} does not split over {devices} devices{processes}; "
+                         f"use a multiple of {devices}")
 
 
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
-def process_rows(global_batch: int) -> slice:
-  """The rows of a global batch that this process loads (hosts split it in equal parts)."""
-  per_process = global_batch // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
+def process_rows(mesh: Mesh, size: int) -> np.ndarray:
+  """The rows of a global batch of ``size`` that this process loads, ascending: those the batch
+  sharding places on its devices, read from the sharding's own device-to-index map (one block
+  per process only where the mesh lists each process's devices together)."""
+  index_map = batch_sharded(mesh).addressable_devices_indices_map((size,))
+  return np.unique(np.concatenate([np.arange(size)[index[0]] for index in index_map.values()]))
 
 
-def global_batch(mesh: Mesh, *local_arrays):
-  """Global arrays sharded over the mesh from each process's own rows (see ``process_rows``)."""
-  sharding = batch_sharded(mesh)
-  return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)
+def global_batch(mesh: Mesh, size: int, *local_arrays):
+  """Global arrays of ``size`` rows sharded over the mesh, from this process's rows of each
+  (``process_rows``, in that order)."""
+  sharding, rows = batch_sharded(mesh), process_rows(mesh, size)
+
+  def assemble(local):
+    local = np.asarray(local)
+    return jax.make_array_from_callback(
+        (size, *local.shape[1:]), sharding,
+        lambda index: local[np.searchsorted(rows, np.arange(size)[index[0]])])
+
+  return tuple(assemble(a) for a in local_arrays)
 
 
 def sharded_step(step: Callable, mesh: Mesh, donate: bool = True,

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from blockdrop_jax import (checkpoint, configs, evaluation, execution, flops,  # noqa: E402
-                           references, storage, trainer)
+                           multihost, references, run_inputs, storage)
 from blockdrop_jax.data import Dataset  # noqa: E402
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -199,8 +199,8 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
                  class_names: Sequence[str] = CIFAR10_CLASSES,
                  progress: bool = False) -> tuple[str, dict]:
   """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path
-  and the first run's references (``trainer.run_references``)."""
-  storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+  and the first run's references (``run_inputs.run_references``). Every process computes them
+  (over all devices); process 0 alone writes."""
   reports, main = {}, None
   for run in runs:
     nets, params, stats, meta = checkpoint.load_run(run)
@@ -214,9 +214,13 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   n = len(dataset)
   table = flops.flops_table(nets.resnet)
   k_run = int(round(report["blocks_mean"]))
-  refs = trainer.run_references(nets, params, stats, meta, dataset, report["blocks_mean"],
+  refs = run_inputs.run_references(nets, params, stats, meta, dataset, report["blocks_mean"],
                                 batch_size, more_static=tuple(range(k_run, K, 2)))
   curves = _reference_curves(nets, params, stats, dataset, refs, batch_size, progress)
+  path = os.path.join(out_dir, "report.md")
+  if not multihost.is_chief():
+    return path, refs
+  storage.path(out_dir).mkdir(parents=True, exist_ok=True)
   full = curves["FirstK"][K]
   policies = np.asarray(report["policies"], np.float32)
   blocks = policies.sum(1)
@@ -250,4 +254,4 @@ def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size
   for title, png in figures.items():
     lines += ["", f"## {title}", "", f"![{title}]({png})"]
   (storage.path(out_dir) / "report.md").write_text("\n".join(lines) + "\n")
-  return os.path.join(out_dir, "report.md"), refs
+  return path, refs

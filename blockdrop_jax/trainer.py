@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
-import os
 import time
 from typing import Optional
 
@@ -23,14 +21,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from blockdrop_jax import (checkpoint, configs, convert, curriculum, evaluation, flops, parallel,
-                           references, registry, steps, storage)
-from blockdrop_jax.data import Dataset, epoch_order, load_dataset, prefetched, split_validation
+from blockdrop_jax import (checkpoint, curriculum, evaluation, flops, multihost, parallel,
+                           references, run_checks, run_inputs, run_log, steps, storage)
+from blockdrop_jax.data import Dataset, epoch_order, prefetched
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
 from blockdrop_jax.steps import Nets, PolicyLoss, TrainState, create_state
-
-STAGES = ("pretrain", "curriculum", "finetune")
 
 
 @dataclasses.dataclass
@@ -49,151 +45,7 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# Set-up
-
-
-def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n_devices: int = 1):
-  """Bad values get one message naming the key and the fix, before any work is done."""
-  stages = tuple(config.stages)
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown or not stages:
-    raise BlockDropError(f"config.stages {stages} has unknown stages {unknown}; use {STAGES}")
-  if "pretrain" not in stages and not (config.base.checkpoint or config.init_from):
-    raise BlockDropError("config.base.checkpoint is empty: give a pretrained ResNet file, an "
-                         "earlier run in config.init_from, or add 'pretrain' to config.stages")
-  ft = config.finetune
-  if "pretrain" in stages and (ft.distill_weight or ft.static or config.policy_init_static):
-    raise BlockDropError("config.finetune.distill_weight, finetune.static and "
-                         "policy_init_static start from a trained ResNet: pretrain in one run, "
-                         "then continue it with --config.init_from=RUN")
-  if "pretrain" in stages and not config.base.arch:
-    raise BlockDropError("config.base.arch is empty: pretraining needs an architecture, e.g. "
-                         "--config.base.arch=cifar_resnet32")
-  if (config.base.checkpoint and not os.path.isfile(config.base.checkpoint)
-      and config.base.checkpoint not in registry.WEIGHTS):
-    raise BlockDropError(f"base checkpoint not found: {config.base.checkpoint} (config.base.checkpoint;"
-                         f" a file, or one of {', '.join(registry.WEIGHTS)})")
-  for key, unit in (("eval_every", "epochs"), ("checkpoint_every_epochs", "epochs"),
-                    ("log_every_steps", "steps")):
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise BlockDropError(f"config.{key} = {config[key]!r} must be a positive number of {unit}")
-  if not 0.0 <= ft.distill_weight <= 1.0 or ft.distill_temperature <= 0:
-    raise BlockDropError(f"config.finetune: distill_weight ({ft.distill_weight}) must be in [0, 1] "
-                         f"(0: no distillation) and distill_temperature ({ft.distill_temperature}) "
-                         "positive")
-  if config.policy_init_static and not (config.block_budget.fraction and config.data.validation):
-    raise BlockDropError("config.policy_init_static starts the policy at the best static subset "
-                         "of the block budget's size, chosen on validation images: set "
-                         "config.block_budget.fraction and config.data.validation")
-  if ft.static and not (config.block_budget.fraction and config.data.validation):
-    raise BlockDropError("config.finetune.static keeps block_budget.fraction of the blocks, chosen "
-                         "on validation images: set config.block_budget.fraction and "
-                         "config.data.validation (e.g. 500)")
-  budget = config.block_budget
-  if not 0.0 <= budget.fraction < 1.0 or budget.lr <= 0:
-    raise BlockDropError(f"config.block_budget: fraction ({budget.fraction}) must be in [0, 1) "
-                         f"(0: no budget) and lr ({budget.lr}) positive")
-  for stage in stages:
-    cfg = config[stage]
-    if stage != "pretrain":
-      if cfg.penalty >= 0:
-        raise BlockDropError(
-            f"config.{stage}.penalty = {cfg.penalty} must be negative: it is the reward of a wrong "
-            f"prediction, below any correct one (did you mean {-abs(cfg.penalty) or -1}?)")
-      passes = ("auto", *steps.CURRICULUM_PASSES)
-      if stage == "curriculum" and cfg.passes not in passes:
-        raise BlockDropError(f"config.curriculum.passes = {cfg.passes!r}; use one of {passes}")
-      if not 0.5 < cfg.alpha <= 1.0:
-        raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
-    if cfg.epochs < 1 or cfg.lr <= 0:
-      raise BlockDropError(f"config.{stage}: epochs ({cfg.epochs}) and lr ({cfg.lr}) must be positive")
-    parallel.check_divisible(cfg.batch_size, n_devices, f"config.{stage}.batch_size")
-    if n_train is not None and cfg.batch_size > n_train:
-      raise BlockDropError(f"config.{stage}.batch_size = {cfg.batch_size} is larger than the "
-                           f"{n_train} training images; lower it")
-
-
-def load_data(config) -> tuple[Dataset, Optional[Dataset], Dataset]:
-  """(training, validation or None, test) datasets of ``config``."""
-  d = config.data
-  if not d.train or not d.test:
-    raise BlockDropError("config.data.train / config.data.test is empty: give a CIFAR file, folder "
-                         "or name, or an image folder such as ImageNet's (<split>/<class>/*.JPEG)")
-  kwargs = dict(dataset=d.dataset, data_dir=d.data_dir or None, download=d.download)
-  train = load_dataset(d.train, d.train_split, **kwargs)
-  test = load_dataset(d.test, d.test_split, **kwargs)
-  train, validation = split_validation(train.head(d.train_limit) if d.train_limit else train,
-                                       d.validation, config.seed)
-  return train, validation, test.head(d.test_limit) if d.test_limit else test
-
-
-def initial_variables(config, key) -> tuple[Nets, dict, dict]:
-  """Specs and (params, batch_stats) of the base ResNet and the policy network: from
-  ``config.init_from`` (an earlier run's workdir, or a checkpoint of the original code, whose
-  ResNet comes from ``config.base.checkpoint`` if it holds the policy alone), else a base file
-  plus a fresh policy."""
-  options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
-  if config.init_from and os.path.isfile(config.init_from):  # the original's BlockDrop checkpoint
-    nets, params, stats = convert.load_blockdrop_checkpoint(
-        config.init_from, config.base.checkpoint or None, config.base.input_mean or None,
-        config.base.input_std or None)
-    return dataclasses.replace(nets, **options), params, stats
-  if config.init_from:
-    nets, params, stats, _ = checkpoint.load_run(config.init_from)
-    return dataclasses.replace(nets, **options), params, stats
-  if config.base.checkpoint:
-    spec, base = convert.load_pretrained(config.base.checkpoint, config.base.arch or None,
-                                         config.base.shortcut or None)
-  else:
-    spec = resnet.make_spec(config.base.arch, config.base.num_classes, config.base.shortcut or None)
-    base = resnet.init(spec, jax.random.fold_in(key, 1))
-  if config.base.input_mean or config.base.input_std:
-    spec = dataclasses.replace(spec, input_mean=tuple(config.base.input_mean or spec.input_mean),
-                               input_std=tuple(config.base.input_std or spec.input_std))
-  policy_spec = resnet.policy_spec(spec, config.policy_arch or None,
-                                   config.policy_input_pool or None)
-  policy = resnet.init(policy_spec, jax.random.fold_in(key, 2))
-  if config.policy_init:
-    policy = convert.policy_from_resnet(policy_spec, policy, config.policy_init)
-  if config.policy_init_bias:
-    policy = resnet.with_policy_bias(policy, config.policy_init_bias)
-  nets = Nets(spec, policy_spec, **options)
-  params = {"resnet": base["params"], "policy": policy["params"]}
-  stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
-  return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
-
-
-def selection_images(config) -> Dataset:
-  """The images a run's choices are made on, never the test set: its validation split, or,
-  without one, its first 500 training images (the run trained on them)."""
-  train, validation, _ = load_data(config)
-  return validation if validation is not None else train.head(500)
-
-
-def run_references(nets: Nets, params, stats, meta: Optional[dict], dataset: Dataset,
-                   mean_blocks: float, batch_size: int = 250,
-                   more_static: tuple[int, ...] = ()) -> dict:
-  """``references.references`` of a run's checkpoint (``meta``): against the ResNet it started
-  from, with its static subsets and mode chosen on its ``selection_images``. Without ``meta``
-  (the original's checkpoint, no config): the full network, FirstK and RandomK."""
-  if meta is None:
-    return references.references(nets, params, stats, dataset, mean_blocks,
-                                 batch_size=batch_size)
-  config = configs.from_json(meta["config"])
-  return references.references(nets, params, stats, dataset, mean_blocks,
-                               selection=selection_images(config),
-                               pretrained=starting_resnet(config), batch_size=batch_size,
-                               more_static=more_static,
-                               mode=checkpoint.static_keep(meta) is None)
-
-
-def starting_resnet(config) -> Optional[tuple[resnet.ResNetSpec, dict]]:
-  """(spec, variables) of the ResNet a run of ``config`` starts from, before any of its training:
-  its base file or its ``init_from`` run; None if it pretrains its own."""
-  if "pretrain" in tuple(config.stages):
-    return None
-  nets, params, stats = initial_variables(config, jax.random.key(config.seed))
-  return nets.resnet, {"params": params["resnet"], "batch_stats": stats["resnet"]}
+# The steps
 
 
 def policy_loss(config, stage: str) -> PolicyLoss:
@@ -255,7 +107,7 @@ def evaluate_stage(run: Run, stage: str, state: TrainState, k: Optional[int]) ->
   """Validation (``val_*``, where the run holds images out) and test (``test_*``) metrics: plain
   accuracy for pretraining, the BlockDrop report otherwise.
 
-  Runs on one device of each process with host copies of the (replicated) weights."""
+  Sharded over every device of every process (``evaluation.batched``)."""
   params, stats = jax.device_get((state.params, state.batch_stats))
   splits = {"val": run.validation, "test": run.test}
   metrics = {"flops_full": float(flops.flops_table(run.nets.resnet).full)}
@@ -285,71 +137,7 @@ def selection_score(record: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging
-
-
-class MetricsLog:
-  """Per-epoch metrics as JSON lines and TensorBoard events; resumed runs drop lines past the
-  restored step, so each epoch is logged once."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    run = storage.path(workdir)
-    self.path = run / "metrics.jsonl"
-    self.lines = []
-    if self.path.exists():
-      self.lines = [line + "\n" for line in self.path.read_text().splitlines()
-                    if json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(self.lines))
-    from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(os.fspath(run / "tensorboard"))
-
-  def write(self, record: dict) -> None:
-    self.lines.append(json.dumps(record) + "\n")
-    if storage.is_remote(self.path):  # a bucket object cannot be appended to: write it whole
-      self.path.write_text("".join(self.lines))
-    else:
-      with self.path.open("a") as f:
-        f.write(self.lines[-1])
-    for key, value in record.items():
-      if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-        self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
-    self.writer.flush()
-
-  def close(self) -> None:
-    self.writer.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
-
-
-class PendingMetrics:
-  """The training metrics of steps not yet brought to the host: summed on the device and fetched
-  every ``config.log_every_steps`` steps, before each checkpoint and at the end of each epoch, so
-  that the host never waits for a step it has just dispatched. A NaN or Inf loss in any step is
-  found at the next fetch, before anything is saved."""
-
-  def __init__(self, sums: dict):
-    self.sums = dict(sums)  # host sums (float64) of the epoch's fetched steps
-    self._window, self._steps = None, 0
-
-  def add(self, metrics) -> None:
-    self._window = metrics if self._window is None else jax.tree.map(jnp.add, self._window, metrics)
-    self._steps += 1
-
-  def fetch(self, where: str) -> dict:
-    """The mean of each metric over the steps since the last fetch (their sums join ``sums``)."""
-    window = jax.device_get(self._window)
-    if not math.isfinite(float(window["loss"])):
-      raise BlockDropError(
-          f"loss became NaN/Inf in {where}: stopped without saving this state; lower the "
-          "learning rate (the last good checkpoint is kept)")
-    for name, value in window.items():
-      self.sums[name] = self.sums.get(name, 0.0) + float(value)
-    means = {name: float(value) / self._steps for name, value in window.items()}
-    self._window, self._steps = None, 0
-    return means
-
 
 
 @dataclasses.dataclass
@@ -393,36 +181,14 @@ def _fresh_state(run: Run, stage: str, params, stats, budget_multiplier=0.0):
   return create_state(params, stats, tx, budget_multiplier), tx
 
 
-# What a resumed run may change: how long stages run (to extend a finished run) and settings that
-# do not change results. Anything else would silently mix two experiments in one workdir.
-RESUMABLE_CHANGES = ("pretrain.epochs", "curriculum.epochs", "finetune.epochs", "curriculum.passes",
-                     "eval_every", "keep_checkpoints", "checkpoint_every_epochs",
-                     "checkpoint_every_steps", "eval_batch_size", "log_every_steps")
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-  """Dotted keys whose values differ between a saved and the current config, beyond those a
-  resumed run may change. Keys added since the run was saved read as their defaults."""
-  saved = configs.from_json(json.dumps(saved)).to_dict()
-  def flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else
-                 {f"{prefix}{key}": list(value) if isinstance(value, (list, tuple)) else value})
-    return out
-
-  saved, current = flat(saved), flat(current)
-  return sorted(key for key in saved.keys() | current.keys()
-                if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) every stage of ``config`` in ``workdir``; returns the final test metrics.
 
   Data-parallel over every device of every process; each process loads its own rows of each
-  global batch, and only process 0 writes logs and shows progress. The checkpoints and logs are
-  closed however the run ends: left to interpreter exit, TensorBoard's writer printed a traceback
-  under Python 3.12 after a run stopped on an error."""
+  global batch, and only process 0 writes logs and shows progress. On SIGTERM every process saves
+  the same step and raises ``multihost.Preempted``. The checkpoints and logs are closed however
+  the run ends: left to interpreter exit, TensorBoard's writer printed a traceback under Python
+  3.12 after a run stopped on an error."""
   with contextlib.ExitStack() as closing:
     return _train(config, workdir, progress, closing)
 
@@ -434,31 +200,42 @@ class Loop:
   run: Run
   mesh: Mesh
   ckpts: checkpoint.RunCheckpoints
-  log: Optional[MetricsLog]  # process 0's
+  log: Optional[run_log.MetricsLog]  # process 0's
   progress: bool
   key: jax.Array  # the run's base key: stage keys fold in the stage, step keys the global step
+  preemption: multihost.Preemption
+  trace: run_log.StepTrace
+  workdir: str
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
            closing: contextlib.ExitStack) -> dict:
-  validate(config)
-  parallel.initialize_distributed(config.distributed)
+  run_checks.validate(config)
   mesh = parallel.data_mesh()
-  chief = jax.process_index() == 0
+  chief = multihost.is_chief()
   storage.workdir(workdir).mkdir(parents=True, exist_ok=True)
-  train_ds, validation_ds, test_ds = load_data(config)
-  validate(config, len(train_ds), jax.device_count())
+  multihost.check_shared(storage.workdir(workdir))
+  train_ds, validation_ds, test_ds = multihost.process_0_first(
+      "datasets ready", lambda: run_inputs.load_data(config))
+  run_checks.validate(config, len(train_ds), jax.device_count())
   key = jax.random.key(config.seed)
-  nets, params, stats = initial_variables(config, key)
+  nets, params, stats = multihost.process_0_first(
+      "weights ready", lambda: run_inputs.initial_variables(config, key))
   run = Run(config, nets, train_ds, validation_ds, test_ds,  # a host copy: steps donate their state
             jax.device_get({"params": params["resnet"], "batch_stats": stats["resnet"]}))
   ckpts = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
   closing.callback(ckpts.close)
   at, state, tx, params = _start(run, ckpts, mesh, workdir, params, stats)
-  log = MetricsLog(workdir, at.global_step) if chief else None
+  log = run_log.MetricsLog(workdir, at.global_step) if chief else None
   if log:
     closing.callback(log.close)
-  loop = Loop(run, mesh, ckpts, log, progress and chief, key)
+  trace = closing.enter_context(run_log.StepTrace(
+      workdir, at.global_step + 1, config.profile_steps if chief else 0))
+  preemption = closing.enter_context(multihost.Preemption())
+  if chief:
+    tqdm.write(f"Training in {workdir} on {jax.device_count()} devices, "
+               f"{jax.process_count()} processes, from step {at.global_step}")
+  loop = Loop(run, mesh, ckpts, log, progress and chief, key, preemption, trace, workdir)
   stages, budget_multiplier = tuple(config.stages), 0.0  # the multiplier carries across stages
   for at.stage_index in range(at.stage_index, len(stages)):
     stage = stages[at.stage_index]
@@ -486,7 +263,7 @@ def _start(run: Run, ckpts: checkpoint.RunCheckpoints, mesh: Mesh, workdir: str,
       params = _policy_starting_at_static_subset(run, params)
     return Position(), None, None, params
   meta = ckpts.restore_meta(latest)
-  changed = config_changes(json.loads(meta["config"]), config.to_dict())
+  changed = run_checks.config_changes(json.loads(meta["config"]), config.to_dict())
   if changed:
     raise BlockDropError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
                          "resume it with the same config, or use a new --workdir")
@@ -519,11 +296,11 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
   steps_per_epoch = _steps_per_epoch(run, stage)
   order = epoch_order(config.seed + 1000 * at.stage_index, at.epoch, len(run.train))
   stage_key = jax.random.fold_in(loop.key, at.stage_index)
-  pending = PendingMetrics(at.epoch_sums)
+  pending = run_log.PendingMetrics(at.epoch_sums)
 
   def load_batch(b):  # this process's rows of batch b
     idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-    idx = idx[parallel.process_rows(len(idx))]
+    idx = idx[parallel.process_rows(loop.mesh, cfg.batch_size)]
     return run.train.images[idx], run.train.labels[idx]
 
   first_batch, started = at.batch, time.perf_counter()
@@ -531,13 +308,16 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
   bar = tqdm(range(first_batch, steps_per_epoch), desc=f"{stage} {at.epoch + 1}/{cfg.epochs}",
              disable=not loop.progress, leave=False, unit="step")
   for b in bar:
-    images, labels = parallel.global_batch(loop.mesh, *next(batches))
+    images, labels = parallel.global_batch(loop.mesh, cfg.batch_size, *next(batches))
+    loop.trace.before(at.global_step)
     state, metrics = step_fn(state, images, labels, jax.random.fold_in(stage_key, at.global_step),
                              jnp.int32(_controlled_blocks(run, stage, at.epoch, b)))
+    loop.trace.after(at.global_step, state)
     pending.add(metrics)
     at.global_step += 1
     every = config.checkpoint_every_steps
-    save = every and at.global_step % every == 0 and b + 1 < steps_per_epoch
+    preempted = loop.preemption.reached(at.global_step)
+    save = preempted or (every and at.global_step % every == 0 and b + 1 < steps_per_epoch)
     if save or (b + 1) % config.log_every_steps == 0 or b + 1 == steps_per_epoch:
       shown = pending.fetch(f"{stage}, epoch {at.epoch + 1}, by step {at.global_step}")
       bar.set_postfix({n: f"{shown[n]:.3f}" for n in ("reward", "accuracy", "accuracy_sampled",
@@ -547,8 +327,11 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
       at.batch, at.epoch_sums = b + 1, pending.sums
       loop.ckpts.save(at.global_step, state, _meta(run, at))
       started += time.perf_counter() - saving  # not step time
+    if preempted:
+      loop.ckpts.wait()
+      raise multihost.Preempted(at.global_step, loop.workdir)
   _end_epoch(loop, state, at, pending.sums,
-             epoch_throughput(time.perf_counter() - started, steps_per_epoch - first_batch,
+             run_log.epoch_throughput(time.perf_counter() - started, steps_per_epoch - first_batch,
                               cfg.batch_size))
   return state
 
@@ -575,46 +358,8 @@ def _end_epoch(loop: Loop, state: TrainState, at: Position, sums: dict, throughp
     saved = dataclasses.replace(at, epoch=at.epoch + 1)
     loop.ckpts.save(at.global_step, state, _meta(run, saved),
                     score if stage != "pretrain" else None)
-  if jax.process_index() == 0:
-    tqdm.write(_summary(record))
+  if multihost.is_chief():
+    tqdm.write(run_log.epoch_summary(record))
 
 
 # Wall-clock fields of a metrics record: they differ between runs of the same config (and include
-# compilation in a stage's first epoch), so comparisons of runs leave them out.
-TIMING_METRICS = ("train_seconds", "train_images_per_s")
-
-
-def epoch_throughput(seconds: float, steps: int, batch_size: int) -> dict:
-  """The training steps' wall-clock time in an epoch (data loading and compilation included,
-  evaluation and checkpoint saves not) and the global images per second it gives."""
-  return {"train_seconds": seconds, "train_images_per_s": steps * batch_size / seconds}
-
-
-def _summary(record: dict) -> str:
-  parts = [f"{record['stage']} epoch {record['epoch']}"]
-  for key, value in record.items():
-    if (key.startswith(("train_", "val_", "test_")) and isinstance(value, float)
-        and not key.startswith("train_keep_probability_")):  # per block: in the report's figure
-      parts.append(f"{key}={value:.4g}")
-  return " ".join(parts)
-
-
-def final_summary(metrics: dict, workdir: str) -> str:
-  """The original test report of the last evaluation and where the outputs went."""
-  lines = [f"Finished {metrics.get('stage', '?')} epoch {metrics.get('epoch', '?')}"]
-  if "test_blocks_mean" in metrics:
-    lines.append(evaluation.format_report({
-        "accuracy": metrics["test_accuracy"], "blocks_mean": metrics["test_blocks_mean"],
-        "blocks_std": metrics["test_blocks_std"], "flops_mean": metrics["test_flops_mean"],
-        "flops_std": metrics.get("test_flops_std", 0.0),
-        "unique_policies": metrics["test_unique_policies"]}))
-    if "flops_full" in metrics:
-      share = metrics["test_flops_mean"] / metrics["flops_full"]
-      lines.append(f"FLOPs: {100 * share:.1f}% of the full ResNet's {metrics['flops_full']:.2E} "
-                   f"per image, policy network included: {100 * (1 - share):.1f}% saved")
-  elif "test_accuracy" in metrics:
-    lines.append(f"Accuracy: {metrics['test_accuracy']:.3f}")
-  lines.append(f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (best: "
-               f"{os.path.join(workdir, 'best')}); metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
-               f"TensorBoard: {os.path.join(workdir, 'tensorboard')}")
-  return "\n".join(lines)

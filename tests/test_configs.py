@@ -66,19 +66,19 @@ def test_overrides_keep_types_and_refuse_unknown_keys():
 
 def test_resume_may_extend_epochs_but_not_change_the_experiment():
   import json
-  from blockdrop_jax import trainer
+  from blockdrop_jax import run_checks
   path = "akamaster_r32_subset"
   saved = json.loads(configs.load(path).to_json())
   del saved["curriculum"]["passes"], saved["policy_init_bias"]  # saved before the keys existed
   longer = configs.load(path, ["--config.curriculum.epochs=60", "--config.curriculum.passes=masked"])
-  assert trainer.config_changes(saved, longer.to_dict()) == []
+  assert run_checks.config_changes(saved, longer.to_dict()) == []
   other = configs.load(path, ["--config.finetune.penalty=-10", "--config.seed=3"])
-  assert trainer.config_changes(saved, other.to_dict()) == ["finetune.penalty", "seed"]
+  assert run_checks.config_changes(saved, other.to_dict()) == ["finetune.penalty", "seed"]
 
 
 def test_unknown_curriculum_passes_is_refused():
-  from blockdrop_jax import trainer
+  from blockdrop_jax import run_checks
   config = configs.load("akamaster_r32_subset",
                         ["--config.curriculum.passes=fused"])
   with pytest.raises(BlockDropError, match="config.curriculum.passes = 'fused'"):
-    trainer.validate(config)
+    run_checks.validate(config)

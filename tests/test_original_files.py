@@ -162,11 +162,11 @@ def test_training_continues_from_the_originals_curriculum_checkpoint(original_fi
   """train.py --config.init_from=FILE (with the base in config.base.checkpoint): the run starts
   from the original's policy network and ResNet."""
   import jax
-  from blockdrop_jax import configs, trainer
+  from blockdrop_jax import configs, run_inputs
   config = configs.load("r110_c10", [
       "--config.stages=finetune", f"--config.init_from={original_files['curriculum']}",
       f"--config.base.checkpoint={original_files['base']}"])
-  nets, params, stats = trainer.initial_variables(config, jax.random.key(0))
+  nets, params, stats = run_inputs.initial_variables(config, jax.random.key(0))
   expected = convert.load_blockdrop_checkpoint(original_files["finetuned"])
   assert (nets.resnet, nets.policy) == (expected[0].resnet, expected[0].policy)
   jax.tree.map(np.testing.assert_array_equal, (params, stats), expected[1:])

@@ -67,7 +67,7 @@ def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
 
   mesh = parallel.data_mesh()
   sharded_state = parallel.replicate(state, mesh)
-  x, y = parallel.global_batch(mesh, images, labels)
+  x, y = parallel.global_batch(mesh, len(images), images, labels)
   sharded, m_sharded = parallel.sharded_step(
       _step(kind, dataclasses.replace(nets, mesh=mesh), tx), mesh, donate=False)(
           sharded_state, x, y, key, k)
@@ -102,7 +102,7 @@ def test_sharded_compact_curriculum_passes_move_no_rows_between_devices(setup):
   tx = optax.sgd(0.5)
   mesh = parallel.data_mesh()
   state = parallel.replicate(steps.create_state(params, stats, tx), mesh)
-  x, y = parallel.global_batch(mesh, images, labels)
+  x, y = parallel.global_batch(mesh, len(images), images, labels)
   compiled = {}
   for passes in steps.CURRICULUM_PASSES:
     step = _step("curriculum", dataclasses.replace(nets, curriculum_passes=passes, mesh=mesh), tx)
@@ -138,10 +138,9 @@ def test_checkpoint_from_8_devices_resumes_on_4(tmp_path, shared_data):
   shutil.copytree(tmp_path / "run8", workdir)
   # Keep only the checkpoints up to step 4 (the first batch of the second epoch of 3 steps): as
   # if the 8-device run had stopped there.
-  for folder in ("checkpoints", "best"):
-    for step in os.listdir(workdir / folder):
-      if step.isdigit() and int(step) > 4:
-        shutil.rmtree(workdir / folder / step)
+  for step in os.listdir(workdir / "checkpoints"):
+    if step.isdigit() and int(step) > 4:
+      shutil.rmtree(workdir / "checkpoints" / step)
   proc = _train(workdir, 4, *overrides)
   assert proc.returncode == 0 and "Accuracy" in proc.stdout, proc.stderr
   final = checkpoint.load_run(str(workdir))

@@ -51,10 +51,10 @@ def _records(workdir):
 def _final(workdir):
   """(params, batch_stats, meta, metrics records) of a run, wall-clock fields left out: they
   differ between any two runs, the rest must not."""
-  from blockdrop_jax import checkpoint, trainer
+  from blockdrop_jax import checkpoint, run_log
 
   def untimed(record):
-    return {k: v for k, v in record.items() if k not in trainer.TIMING_METRICS}
+    return {k: v for k, v in record.items() if k not in run_log.TIMING_METRICS}
 
   _, params, stats, meta = checkpoint.load_run(str(workdir))
   meta = {**meta, "metrics": untimed(meta["metrics"])}
@@ -222,13 +222,13 @@ def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, tes
 def _best_two_blocks(workdir):
   """The best fixed 2-block subset of the ResNet a run started from, by greedy elimination on the
   run's validation images, computed here from the library's pieces."""
-  from blockdrop_jax import checkpoint, configs, references, trainer
+  from blockdrop_jax import checkpoint, configs, references, run_inputs
   nets, _, _, meta = checkpoint.load_run(str(workdir))
   config = configs.from_json(meta["config"])
-  _, start = trainer.starting_resnet(config)
+  _, start = run_inputs.starting_resnet(config)
   return references.greedy_elimination(
       nets, {"resnet": start["params"]}, {"resnet": start["batch_stats"]},
-      trainer.selection_images(config), 2)[2]
+      run_inputs.selection_images(config), 2)[2]
 
 
 def test_static_reference_finetunes_one_subset_chosen_on_validation(uninterrupted, tmp_path,

@@ -11,12 +11,12 @@ from test_train import SMOKE, _one_line_error, run_train
 
 def _config_error(*overrides):
   """The message train.py would print, checked in-process (the CLI path is tested below)."""
-  from blockdrop_jax import configs, trainer
+  from blockdrop_jax import configs, run_checks
   from blockdrop_jax.errors import BlockDropError
   with pytest.raises(BlockDropError) as err:
     config = configs.load(SMOKE, list(overrides))
-    trainer.validate(config)
-    trainer.validate(config, n_train=config.data.train_limit, n_devices=1)
+    run_checks.validate(config)
+    run_checks.validate(config, n_train=config.data.train_limit, n_devices=1)
   return str(err.value)
 
 
@@ -93,9 +93,9 @@ def test_metrics_come_to_the_host_in_windows_and_a_nan_in_one_is_found():
   """The trainer keeps steps in flight: their metrics are summed on the device and fetched every
   config.log_every_steps steps (and before any checkpoint), where a NaN loss stops the run."""
   import jax.numpy as jnp
-  from blockdrop_jax import trainer
+  from blockdrop_jax import run_log
   from blockdrop_jax.errors import BlockDropError
-  pending = trainer.PendingMetrics({"loss": 1.0})
+  pending = run_log.PendingMetrics({"loss": 1.0})
   for loss in (1.0, 2.0, 3.0):
     pending.add({"loss": jnp.float32(loss), "accuracy": jnp.float32(0.5)})
   assert pending.fetch("here") == {"loss": 2.0, "accuracy": 0.5}

@@ -74,13 +74,14 @@ def _floats(flag) -> list[float] | None:
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import checkpoint, convert, data, evaluation, steps, storage
+  from blockdrop_jax import checkpoint, convert, data, evaluation, multihost, steps, storage
+  say = print if multihost.is_chief() else lambda *lines: None  # process 0 speaks for all
   normalisation = dict(input_mean=_floats(INPUT_MEAN), input_std=_floats(INPUT_STD))
   if CROSS_CHECK.value and (not os.path.isfile(CHECKPOINT.value)
                             or CHECKPOINT.value.endswith(".safetensors")):
     raise BlockDropError("--cross_check compares a PyTorch file (.th/.pt/.t7) with PyTorch")
-  dataset = data.load_dataset(DATA.value, SPLIT.value, DATASET.value, DATA_DIR.value,
-                              DOWNLOAD.value)
+  dataset = multihost.process_0_first("data ready", lambda: data.load_dataset(
+      DATA.value, SPLIT.value, DATASET.value, DATA_DIR.value, DOWNLOAD.value))
   blockdrop_file = (os.path.isfile(CHECKPOINT.value) and not CHECKPOINT.value.endswith(
       ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
   # A folder or a bucket (gs://...) is a training workdir; load_run says if it is not one.
@@ -95,15 +96,15 @@ def main(argv) -> int:
       origin = f"{meta['stage']} epoch {meta['epoch']}"
     result = evaluation.blockdrop_report(nets, params, stats, dataset, BATCH_SIZE.value,
                                          mode=MODE.value, static_keep=checkpoint.static_keep(meta))
-    print(f"BlockDrop {nets.resnet.name} ({origin}) on {dataset.source}")
-    print(evaluation.format_report(result))
-    print(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
+    say(f"BlockDrop {nets.resnet.name} ({origin}) on {dataset.source}")
+    say(evaluation.format_report(result))
+    say(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
           "included; benchmarks/speed.py measures steady state)")
     if BASELINES.value:
-      from blockdrop_jax import references, trainer
-      result["baselines"] = trainer.run_references(nets, params, stats, meta, dataset,
+      from blockdrop_jax import references, run_inputs
+      result["baselines"] = run_inputs.run_references(nets, params, stats, meta, dataset,
                                                    result["blocks_mean"], BATCH_SIZE.value)
-      print(references.format_references(result["baselines"]))
+      say(references.format_references(result["baselines"]))
     spec = nets.resnet
     if REPORT.value:
       if blockdrop_file:
@@ -112,22 +113,22 @@ def main(argv) -> int:
       from blockdrop_jax import report
       path, _ = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
                                  BATCH_SIZE.value)
-      print(f"Report: {path}")
+      say(f"Report: {path}")
   else:
-    spec, variables = convert.load_pretrained(CHECKPOINT.value, ARCH.value, SHORTCUT.value,
-                                              **normalisation)
+    spec, variables = multihost.process_0_first("weights ready", lambda: convert.load_pretrained(
+        CHECKPOINT.value, ARCH.value, SHORTCUT.value, **normalisation))
     result = evaluation.evaluate_resnet(spec, variables, dataset, BATCH_SIZE.value)
-    print(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
+    say(f"{spec.name} on {dataset.source}: Accuracy: {result['accuracy']:.4f} "
           f"({result['correct']}/{result['n']})")
   if CROSS_CHECK.value:
     if not blockdrop_file:  # the ResNet as the BlockDrop paths hold it
       nets = steps.Nets(spec)
       params, stats = {"resnet": variables["params"]}, {"resnet": variables["batch_stats"]}
     result["cross_check"] = _cross_check(dataset, result, blockdrop_file, nets, params, stats)
-    print(_describe(result["cross_check"]))
+    say(_describe(result["cross_check"]))
   result.update(checkpoint=CHECKPOINT.value, data=dataset.source, arch=spec.name,
                 shortcut=spec.shortcut, num_blocks=spec.num_blocks)
-  if JSON.value:
+  if JSON.value and multihost.is_chief():
     cli.write_json(JSON.value, result)
   return 0
 

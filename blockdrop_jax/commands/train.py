@@ -26,18 +26,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import references, trainer
+  from blockdrop_jax import multihost, references, run_inputs, run_log, trainer
+  say = print if multihost.is_chief() else lambda *lines: None  # process 0 speaks for all
   config = configs.finalize(CONFIG.value)
   final = trainer.train(config, WORKDIR.value, progress=PROGRESS.value)
-  print(trainer.final_summary(final, WORKDIR.value))
+  say(run_log.final_summary(final, WORKDIR.value))
   if REPORT.value:
     from blockdrop_jax import report
-    test_ds = trainer.load_data(config)[2]
+    test_ds = run_inputs.load_data(config)[2]
     path, refs = report.write_report([WORKDIR.value], test_ds,
-                                           os.path.join(WORKDIR.value, "report"),
-                                           config.eval_batch_size)
-    print(references.format_references(refs))
-    print(f"Figures and report: {path}")
+                                     os.path.join(WORKDIR.value, "report"), config.eval_batch_size)
+    say(references.format_references(refs))
+    say(f"Figures and report: {path}")
   return 0
 
 

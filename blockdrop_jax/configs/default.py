@@ -12,7 +12,6 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.distributed = False  # multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)
   # Stages run in order; each starts from the previous one's weights.
   c.stages = ("curriculum", "finetune")
   # Base ResNet: a PyTorch/safetensors file (architecture inferred from its keys), or, for the
@@ -89,7 +88,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 10  # epochs
   # Checkpoints: at the end of every N-th epoch, of each evaluated epoch (so that the best can be
   # kept) and of each stage's last epoch. Raise N where an epoch is shorter than a save (an Orbax
-  # save of a ResNet-56 run takes about a second; on a GPU a subset epoch takes less).
+  # save of a ResNet-56 run blocks the steps for about a second; on a GPU a subset epoch takes less).
   c.checkpoint_every_epochs = 1
   c.checkpoint_every_steps = 0  # also inside epochs, every N steps; 0: never
   c.keep_checkpoints = 3
@@ -97,6 +96,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Steps between fetches of the training metrics to the host (progress bar, NaN check); the
   # steps in between run without the host waiting for them.
   c.log_every_steps = 10
+  # Trace N steps, from the run's second, with jax.profiler into WORKDIR/tensorboard (TensorBoard's
+  # profile tab; pip install tensorboard-plugin-profile). 0: none.
+  c.profile_steps = 0
   return apply_variant(c, variant)
 
 
