@@ -277,18 +277,44 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
         f"tfds:{name} in {root} is prepared as {builder.info.file_format}, which TFDS cannot read "
         f"by index; prepare it again with `tfds build {name} --data_dir {root} --file_format "
         "array_record`") from e
-  # One pass over the records; a streamed dataset keeps none of its images.
-  fields = [(record[order_feature], record["label"], None if streamed else record["image"])
+  where = f"tfds:{name}/{split}"
+  if streamed:
+    order, labels = _streamed_index(source, order_feature, epath.Path(builder.data_dir), split)
+    images = LazyImages(order.tolist(), lambda i: decode_image(source[i]["image"], f"{where}[{i}]"),
+                        IMAGENET_RESIZE, _imagenet_size(split))
+    return Dataset(images, labels, num_classes, where)
+  fields = [(record[order_feature], record["label"], record["image"])
             for record in (source[i] for i in range(len(source)))]
   order = np.argsort([key for key, _, _ in fields], kind="stable")
   labels = np.asarray([fields[i][1] for i in order], np.int32)
-  where = f"tfds:{name}/{split}"
-  if streamed:
-    images = LazyImages(order.tolist(), lambda i: decode_image(source[i]["image"], f"{where}[{i}]"),
-                        IMAGENET_RESIZE, _imagenet_size(split))
-  else:
-    images = np.stack([np.asarray(fields[i][2], np.uint8) for i in order])
+  images = np.stack([np.asarray(fields[i][2], np.uint8) for i in order])
   return Dataset(images, labels, num_classes, where)
+
+
+def _streamed_index(source, order_feature: str, folder: epath.Path,
+                    split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(record indices in the official files' order, their labels) of a streamed TFDS split: from
+  the small index cached beside the dataset (``blockdrop_index_<split>.npz``), else read from
+  every record once (all of ImageNet's images pass by) and cached there for the next start."""
+  index = folder / f"blockdrop_index_{split}.npz"
+  if index.exists():
+    with index.open("rb") as f:
+      cached = np.load(f)
+      if len(cached["order"]) == len(source):
+        return cached["order"], cached["labels"]
+  keys, labels = zip(*((record[order_feature], record["label"])
+                       for record in (source[i] for i in range(len(source)))))
+  order = np.argsort(keys, kind="stable")
+  labels = np.asarray(labels, np.int32)[order]
+  buffer = io.BytesIO()
+  np.savez(buffer, order=order, labels=labels)
+  partial = folder / f"{index.name}.tmp"
+  try:
+    partial.write_bytes(buffer.getvalue())
+    partial.rename(index)  # atomic: a start that stops half-way leaves no index
+  except OSError:  # a read-only dataset folder: read the records again next time
+    pass
+  return order, labels
 
 
 def to_unit_float(images) -> jax.Array:

@@ -123,9 +123,10 @@ def process_0_first(name: str, fn: Callable[[], T]) -> T:
   """``fn()`` on process 0, then on the others: downloads, cache extraction and dataset
   preparation happen once where the hosts share a disk, and each host's own otherwise."""
   if is_chief():
-    result = fn()
-    barrier(name)
-    return result
+    try:
+      return fn()
+    finally:  # also on an error, which the others then meet themselves instead of waiting
+      barrier(name)
   barrier(name)
   return fn()
 

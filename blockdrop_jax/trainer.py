@@ -131,7 +131,7 @@ def evaluate_stage(run: Run, stage: str, state: TrainState, k: Optional[int]) ->
 
 
 def selection_score(record: dict) -> float:
-  """What ``best/`` keeps the highest of: validation accuracy, or, without a validation split,
+  """What the best checkpoint has the highest of: validation accuracy, or, without a validation split,
   test accuracy (the original's choice)."""
   return record.get("val_accuracy", record["test_accuracy"])
 

@@ -1,6 +1,7 @@
 """ImageNet-style image folders and TFDS's imagenet2012 stream from disk through the same trainer
 and evaluation."""
 
+import glob
 import json
 import os
 
@@ -79,6 +80,23 @@ def test_tfds_imagenet2012_gives_the_image_folders_arrays(image_folder, imagenet
                                 data.load_dataset(str(image_folder), "val").images[:])
   with pytest.raises(BlockDropError, match="has no split 'test'; it has train, validation"):
     data.load_dataset("tfds:imagenet2012", "test", data_dir=imagenet_tfds)
+
+
+def test_tfds_imagenet2012_opens_from_its_cached_index(imagenet_tfds):
+  """The first opening reads every record once and caches order and labels beside the dataset;
+  later ones read that index only (here altered, to show that it is what they read)."""
+  first = data.load_dataset("tfds:imagenet2012", "validation", data_dir=imagenet_tfds)
+  [index] = glob.glob(os.path.join(imagenet_tfds, "imagenet2012", "*",
+                                   "blockdrop_index_validation.npz"))
+  cached = dict(np.load(index))
+  np.testing.assert_array_equal(cached["labels"], first.labels)
+  try:
+    np.savez(index, order=cached["order"][::-1], labels=cached["labels"][::-1] + 1)
+    again = data.load_dataset("tfds:imagenet2012", "validation", data_dir=imagenet_tfds)
+    np.testing.assert_array_equal(again.labels, first.labels[::-1] + 1)
+    np.testing.assert_array_equal(again.images[:1], first.images[-1:])
+  finally:
+    np.savez(index, **cached)
 
 
 def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tmp_path, capsys):

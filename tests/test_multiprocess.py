@@ -137,14 +137,14 @@ def test_preempted_on_two_processes_resumes_on_one(tmp_path, one_process):
   _assert_same_run(workdir, one_process[0])
 
 
-def test_preempted_single_process_resumes(tmp_path, one_process):
+def test_preempted_single_process_resumes_on_two(tmp_path, one_process):
   from blockdrop_jax import multihost
   workdir = tmp_path / "run"
   code, output = _preempt([sys.executable, *_train_command(workdir)], cli_env(4))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
   assert "run the same command again to resume" in output
-  proc = _run(_train_command(workdir))
-  assert proc.returncode == 0, proc.stderr
+  proc = _run(_launch(*_train_command(workdir)), devices=2)
+  assert proc.returncode == 0, proc.stdout[-3000:]
   _assert_same_run(workdir, one_process[0])
 
 
@@ -189,3 +189,30 @@ def test_a_workdir_the_processes_do_not_share_is_one_line(tmp_path):
   for process in (0, 1):
     assert [line for line in _lines_of(proc.stdout, process)
             if line.startswith("error: ") and "is not shared" in line and "bucket" in line]
+
+
+def test_rows_follow_the_batch_sharding_on_interleaved_devices(tmp_path):
+  """A mesh that alternates the processes' devices: each process loads the rows its devices hold
+  (not one block per process), and the global batch is the one that was split."""
+  script = tmp_path / "rows.py"
+  script.write_text(textwrap.dedent("""
+      import os
+      import jax
+      import numpy as np
+      from jax.experimental import multihost_utils
+      from blockdrop_jax import multihost, parallel
+      env = {field: os.environ[name] for field, name in multihost.ENVIRONMENT.items()}
+      multihost.initialize(multihost.Launch(env["coordinator_address"],
+                                            int(env["num_processes"]), int(env["process_id"])))
+      by_process = [jax.devices()[:2], jax.devices()[2:]]
+      mesh = parallel.data_mesh([by_process[p][d] for d in range(2) for p in range(2)])
+      batch = np.arange(16, dtype=np.float32).reshape(8, 2)
+      rows = parallel.process_rows(mesh, 8)
+      [x] = parallel.global_batch(mesh, 8, batch[rows])
+      np.testing.assert_array_equal(multihost_utils.process_allgather(x, tiled=True), batch)
+      print("rows", jax.process_index(), rows.tolist())
+      """))
+  proc = _run(_launch(str(script), devices=2), devices=2)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert "rows 0 [0, 1, 4, 5]" in _lines_of(proc.stdout, 0)
+  assert "rows 1 [2, 3, 6, 7]" in _lines_of(proc.stdout, 1)

@@ -1,5 +1,7 @@
 """train.py end to end on tiny configs: stages chain, resume after SIGKILL, bad input."""
 
+import glob
+import gzip
 import json
 import os
 import shutil
@@ -64,7 +66,7 @@ def _final(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shared_data):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = run_train(workdir, *PER_STEP)
+  proc = run_train(workdir, *PER_STEP, "--config.profile_steps=2")  # profiling changes no value
   assert proc.returncode == 0, proc.stderr
   return workdir, proc
 
@@ -81,7 +83,15 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
   assert 0 < records[2]["train_budget_multiplier"] < records[3]["train_budget_multiplier"]
   assert meta["stage"] == "finetune" and meta["epoch"] == 1
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  assert len(os.listdir(os.path.join(workdir, "checkpoints"))) <= 3
+  [trace] = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*",
+                                   "*.trace.json.gz"))
+  with gzip.open(trace) as f:  # the traced steps ran the jitted step (the trainer's lambda)
+    assert "PjitFunction(<lambda>)" in {event.get("name") for event in json.load(f)["traceEvents"]}
+  # The last keep_checkpoints (3) steps and the best, which is older here.
+  from blockdrop_jax import checkpoint
+  steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  best = checkpoint.load_run(str(workdir), best=True)[3]["global_step"]
+  assert steps == sorted({*range(meta["global_step"] - 2, meta["global_step"] + 1), best})
 
 
 def test_each_epoch_logs_its_training_throughput(uninterrupted):

@@ -41,8 +41,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
       data_dir="", download=False, train_limit=0, test_limit=0, augment=True,
-      # Training images held out (drawn with the seed) to choose on: best/, recipes, sweeps and
-      # the static references. 0: none, and best/ is chosen on the test set, as the original.
+      # Training images held out (drawn with the seed) to choose on: the best checkpoint,
+      # recipes, sweeps and the static references. 0: none, and the best checkpoint is chosen on
+      # the test set, as the original.
       validation=0))
   c.pretrain = ml_collections.ConfigDict(dict(
       epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
@@ -87,8 +88,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.block_budget = ml_collections.ConfigDict(dict(fraction=0.0, lr=0.25))
   c.eval_every = 10  # epochs
   # Checkpoints: at the end of every N-th epoch, of each evaluated epoch (so that the best can be
-  # kept) and of each stage's last epoch. Raise N where an epoch is shorter than a save (an Orbax
-  # save of a ResNet-56 run blocks the steps for about a second; on a GPU a subset epoch takes less).
+  # kept) and of each stage's last epoch. Raise N where an epoch is short beside a save (an
+  # asynchronous save of a ResNet-56 run holds the steps about 0.2 s on a CPU;
+  # benchmarks/checkpoint_save.py).
   c.checkpoint_every_epochs = 1
   c.checkpoint_every_steps = 0  # also inside epochs, every N steps; 0: never
   c.keep_checkpoints = 3
