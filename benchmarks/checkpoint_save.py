@@ -35,7 +35,7 @@ def _round(ckpts, step_fn, state, batch, step: int, steps_between: int):
   started = time.perf_counter()
   images, labels, k = batch
   for i in range(steps_between):
-    state, metrics = step_fn(state, images, labels, jax.random.key(step + i), k)
+    state, metrics = step_fn(state, images, labels, jax.random.key(0), step + i, k)
   jax.block_until_ready(metrics)
   saving = time.perf_counter()
   ckpts.save(step, state, {"step": step})

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from blockdrop_jax import compilation, execution, flops, parallel, steps
+from blockdrop_jax import compact, compilation, execution, flops, parallel, steps
 from blockdrop_jax.data import Dataset, center_crop, to_unit_float
 from blockdrop_jax.models import resnet
 
@@ -107,7 +107,7 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
   (``execution.GroupedExecutor``), grouping within windows of ``grouped_window`` images (default
   8 batches: larger windows make larger groups, and hold that many decoded images in memory).
   The same outputs at different speeds (benchmarks/speed.py). "auto" is compact where that
-  pays (``execution.compact_pays``: CPU), else masked; the report's "mode" names the one used.
+  pays (``compact.compact_pays``: CPU), else masked; the report's "mode" names the one used.
   A static run (``static_keep``: its fixed subset of blocks, (K,)) runs that subset for every
   image, without the policy network ("mode": "static")."""
   if static_keep is not None:
@@ -120,7 +120,7 @@ def blockdrop_report(nets: steps.Nets, params, stats, dataset: Dataset, batch_si
     raise ValueError(f"batch_size ({batch_size}) and grouped_window ({grouped_window}) must be "
                      "at least 1")
   batch_size = min(batch_size, len(dataset))
-  mode = execution.resolve_auto(mode)
+  mode = compact.resolve_auto(mode)
   params, stats = on_every_device(params, stats)
   start = time.perf_counter()
   if mode in ("compact", "masked"):
@@ -163,10 +163,10 @@ def fixed_policy_report(nets: steps.Nets, params, stats, dataset: Dataset, polic
 def resnet_logits(nets: steps.Nets, params, stats, dataset: Dataset, policies: np.ndarray,
                   batch_size: int = 250, progress: bool = True) -> np.ndarray:
   """Logits of the ResNet alone (inference mode) under given per-image policies, each block run
-  only for the images that keep it where that pays (``execution.compact_pays``)."""
-  compact = execution.resolve_auto("auto") == "compact"
+  only for the images that keep it where that pays (``compact.compact_pays``)."""
+  only_kept_rows = compact.resolve_auto("auto") == "compact"
   params, stats = on_every_device(params, stats)
-  return batched(lambda x, p: _resnet_eval(nets, params, stats, x, p, compact),
+  return batched(lambda x, p: _resnet_eval(nets, params, stats, x, p, only_kept_rows),
                  (dataset.images, policies), min(batch_size, len(dataset)), progress=progress)
 
 

@@ -2,10 +2,9 @@
 
 - masked (``resnet.apply``): every block runs for every image and ``jnp.where`` keeps or drops
   it. Static shapes: what training differentiates; no time saved.
-- ``compact``: each block gathers the rows that keep it, runs on only those, in chunks (a loop
-  whose trip count is a batch-level count; a small remainder in a half chunk), and writes them
-  back in place. All on device, one compilation. Batched evaluation, and the curriculum step's
-  greedy and sampled passes (``curriculum_pair``).
+- ``compact`` (``compact.py``): each block runs on only the rows that keep it, gathered in chunks
+  and written back in place; one compilation. Batched evaluation, and the curriculum step's
+  greedy and sampled passes.
 - ``grouped`` (``GroupedExecutor``): images are grouped by policy vector and each group runs
   exactly its own blocks, each run of same-shaped blocks as one loop over its kept blocks
   (``looped_skip_apply``). Batched inference where trained policies share few vectors.
@@ -15,7 +14,7 @@
 
 Which is fastest depends on the backend (docs/results.md): on CPU time follows FLOPs and compact
 and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches, each chunk of compact costs
-launches, and masked execution is fastest at batch 256 (``compact_pays``).
+launches, and masked execution is fastest at batch 256 (``compact.compact_pays``).
 """
 
 from __future__ import annotations
@@ -29,71 +28,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockdrop_jax import compilation
+from blockdrop_jax import compact, compilation
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
-
-# Rows per chunk of ``compact`` execution: small enough to waste little on partly kept chunks,
-# large enough for efficient convolutions (8-16 were fastest of 8-64 on the 2-core CPU).
-COMPACT_CHUNK = 16
-
-
-def compact_pays(platform: Optional[str] = None) -> bool:
-  """Whether compact execution beats masked execution on ``platform`` (default: JAX's backend).
-
-  Measured: on the 2-core CPU, compact curriculum passes are 1.3-2x and compact evaluation about
-  2.5x masked; on an H200, 0.42-0.73x and 0.22-0.29x, because each chunk's small kernels cost more
-  launch time than the skipped work saves. TPUs are unmeasured; masked there too."""
-  return (platform or jax.default_backend()) == "cpu"
-
-
-def resolve_auto(mode: str) -> str:
-  """``mode``, with "auto" (the trainer's and evaluate.py's default) made "compact" where compact
-  execution pays and "masked" where it does not."""
-  if mode == "auto":
-    return "compact" if compact_pays() else "masked"
-  return mode
-
-
-def _stem(spec, variables, x, train=False):
-  return resnet.ResNet(spec).apply(variables, x, train, method=lambda m, x, tr: m.stem(x, tr))
-
-
-def _block(spec, variables, t, x):
-  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.run_block(t, x))
-
-
-def _shortcut(spec, variables, t, x):
-  """Block t's output when dropped."""
-  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.blocks[t](x, False, True))
-
-
-def _head(spec, variables, x):
-  return resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.head(x))
-
 
 def gated_block(spec: ResNetSpec, variables, t: int, x, keep):
   """Block t under a per-example ``keep`` (batch,), computed only if any image keeps it."""
 
   def run(x):
-    dropped, kept = _block(spec, variables, t, x)
+    dropped, kept = resnet.apply_block(spec, variables, t, x)
     return jnp.where(keep[:, None, None, None] > 0.5, kept, dropped)
 
-  return jax.lax.cond(jnp.any(keep > 0.5), run, lambda x: _shortcut(spec, variables, t, x), x)
+  return jax.lax.cond(jnp.any(keep > 0.5), run, lambda x: resnet.apply_shortcut(spec, variables, t, x), x)
 
 
 def batch_skip_apply(spec: ResNetSpec, variables, images, policy):
   """Logits of [0, 1] images under ``policy`` (batch, K), skipping blocks no image runs."""
   resnet.check_policy(policy, images.shape[0], spec.num_blocks)
-  x = _stem(spec, variables, images)
+  x = resnet.apply_stem(spec, variables, images)
   for t in range(spec.num_blocks):
     x = gated_block(spec, variables, t, x, policy[:, t])
-  return _head(spec, variables, x)
-
-
-def _changes_shape(spec: ResNetSpec, t: int) -> bool:
-  _, _, in_channels, width, stride = spec.block_layout()[t]
-  return stride != 1 or in_channels != width * spec.expansion
+  return resnet.apply_head(spec, variables, x)
 
 
 def block_runs(spec: ResNetSpec) -> list[tuple[int, int]]:
@@ -103,7 +58,7 @@ def block_runs(spec: ResNetSpec) -> list[tuple[int, int]]:
   runs, layout = [], spec.block_layout()
   for t in range(spec.num_blocks):
     first = runs[-1][0] if runs else None
-    if (first is not None and not _changes_shape(spec, first) and not _changes_shape(spec, t)
+    if (first is not None and not resnet.changes_shape(spec, first) and not resnet.changes_shape(spec, t)
         and layout[first][2:] == layout[t][2:]):
       runs[-1][1] += 1
     else:
@@ -137,7 +92,7 @@ def _looped_run(spec: ResNetSpec, stacked, first: int, x, keep):
     weights = {col: {f"block{first}": jax.tree.map(
         lambda leaf: jax.lax.dynamic_index_in_dim(leaf, block, keepdims=False), tree)}
         for col, tree in stacked.items()}
-    dropped, kept = _block(spec, weights, first, x)
+    dropped, kept = resnet.apply_block(spec, weights, first, x)
     keep_block = jax.lax.dynamic_index_in_dim(keep, block, axis=1, keepdims=False)
     return jnp.where(keep_block[:, None, None, None], kept, dropped)
 
@@ -152,7 +107,7 @@ def looped_skip_apply(spec: ResNetSpec, stacked_variables, images, policy):
   the ``cond``s save at batch 1 (2.4 against 2.1 ms for ResNet-110 at 35% kept); at the batches
   of 4-16 of grouped inference they are even."""
   resnet.check_policy(policy, images.shape[0], spec.num_blocks)
-  x = _stem(spec, stacked_variables, images)
+  x = resnet.apply_stem(spec, stacked_variables, images)
   keep = policy > 0.5
   for first, length in block_runs(spec):
     if length == 1:
@@ -161,107 +116,7 @@ def looped_skip_apply(spec: ResNetSpec, stacked_variables, images, policy):
       runs = {col: tree[f"block{first}"] for col, tree in stacked_variables.items()
               if f"block{first}" in tree}
       x = _looped_run(spec, runs, first, x, keep[:, first:first + length])
-  return _head(spec, stacked_variables, x)
-
-
-def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int,
-                   leading: Optional[tuple[int, Any]] = None):
-  """Block t run on only the rows that keep it (``keep``: (rows,) bool, rows a multiple of
-  ``chunk``): the kept rows are gathered ``chunk`` at a time, run through the block and written
-  back in place, in a loop whose trip count is a batch-level number, so dropped rows cost
-  nothing. A remainder of at most ``chunk // 2`` rows runs as one chunk of that size, which halves
-  the rows computed in vain (ResNet-110 at 35% kept: 0.81-0.83 -> 0.86 of the FLOPs speedup).
-  ``leading`` = (n, run): where ``run`` (a traced bool) holds, the first n rows also run the
-  block, as one batch (``keep`` must then be False for them).
-
-  Rows stay in input order, so no other row moves. Inference mode only: BatchNorm in training mode
-  would see batch statistics of chunks."""
-  kept_first = jnp.argsort(~keep, stable=True)  # row indices, the kept ones first
-  # Chunks never overlap, so each row is read before it is written: a block that keeps its
-  # input's shape reads its rows from the output being written, which then needs no copy of x.
-  reads_output = not _changes_shape(spec, t)
-
-  def run_chunks(out, first_row, count, size):
-    def run_chunk(i, out):
-      # A partly kept chunk holds dropped rows: each row gets its own kept or dropped value, so
-      # rewriting it is harmless.
-      rows_of_chunk = jax.lax.dynamic_slice_in_dim(kept_first, first_row + i * size, size)
-      dropped, kept = _block(spec, variables, t, (out if reads_output else x)[rows_of_chunk])
-      chosen = jnp.where(keep[rows_of_chunk][:, None, None, None], kept, dropped)
-      return out.at[rows_of_chunk].set(chosen, unique_indices=True)
-
-    return jax.lax.fori_loop(0, count, run_chunk, out)
-
-  out = _shortcut(spec, variables, t, x)
-  if leading is not None:
-    rows, run = leading
-
-    def run_leading(_, out):
-      kept = _block(spec, variables, t, (out if reads_output else x)[:rows])[1]
-      return jax.lax.dynamic_update_slice_in_dim(out, kept, 0, axis=0)
-
-    out = jax.lax.fori_loop(0, run.astype(jnp.int32), run_leading, out)
-  kept_rows = jnp.sum(keep)
-  half = chunk // 2
-  rest = kept_rows % chunk
-  small_rest = ((rest > 0) & (rest <= half)).astype(kept_rows.dtype) if half else 0
-  chunks = (kept_rows + chunk - 1) // chunk - small_rest
-  out = run_chunks(out, 0, chunks, chunk)
-  return run_chunks(out, chunks * chunk, small_rest, half) if half else out
-
-
-def _pad_rows(x, keep, chunk: int):
-  """``x`` and ``keep`` padded with dropped rows to a multiple of ``chunk`` rows."""
-  pad = -x.shape[0] % chunk
-  return (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)),
-          jnp.pad(keep, [(0, pad), (0, 0)], constant_values=False))
-
-
-def compact_apply(spec: ResNetSpec, variables, images, policy, chunk: int = COMPACT_CHUNK):
-  """Logits of [0, 1] images under a per-example ``policy``, each block computed only for the
-  images that keep it (rounded up to a multiple of ``chunk``). One compilation for any policy."""
-  batch = images.shape[0]
-  resnet.check_policy(policy, batch, spec.num_blocks)
-  chunk = min(chunk, batch)
-  x, keep = _pad_rows(_stem(spec, variables, images), policy > 0.5, chunk)
-  for t in range(spec.num_blocks):
-    x = _compact_block(spec, variables, t, x, keep[:, t], chunk)
-  return _head(spec, variables, x)[:batch]
-
-
-def curriculum_pair(spec: ResNetSpec, variables, images, greedy, sampled, num_forced,
-                    chunk: int = COMPACT_CHUNK):
-  """Logits under the curriculum's greedy and sampled policies, which keep the same first
-  ``num_forced`` blocks (all of them): the stem and that prefix run once, on the greedy rows;
-  then both passes run as one batch of 2 x batch rows in which each block computes only the rows
-  that keep it (``_compact_block``). Equal to two masked passes.
-
-  Through the prefix each block runs once on the greedy rows, as one batch, while the sampled rows
-  sit idle; they copy the greedy rows where the prefix ends. Both are loops of 0 or 1 trips: a
-  ``cond`` per block choosing between a prefix block and a decided one made XLA copy the whole
-  activation of 2 x batch rows into it at every block.
-  ``num_forced`` may be traced, so one compilation serves the whole curriculum."""
-  batch = images.shape[0]
-  K = spec.num_blocks
-  resnet.check_policy(greedy, batch, K)
-  resnet.check_policy(sampled, batch, K)
-  chunk = min(chunk, 2 * batch)
-  num_forced = jnp.minimum(num_forced, K)
-  decided = jnp.arange(K) >= num_forced
-  keep = jnp.concatenate([greedy > 0.5, sampled > 0.5]) & decided
-  x = _stem(spec, variables, images)
-  x, keep = _pad_rows(jnp.concatenate([x, x]), keep, chunk)
-
-  def sampled_rows_from_greedy(_, x):
-    return jax.lax.dynamic_update_slice_in_dim(x, x[:batch], batch, axis=0)
-
-  for t in range(K + 1):
-    # Where the prefix ends (before block num_forced, or before the head if every block is forced).
-    x = jax.lax.fori_loop(0, (t == num_forced).astype(jnp.int32), sampled_rows_from_greedy, x)
-    if t < K:
-      x = _compact_block(spec, variables, t, x, keep[:, t], chunk, leading=(batch, ~decided[t]))
-  logits = _head(spec, variables, x)
-  return logits[:batch], logits[batch:2 * batch]
+  return resnet.apply_head(spec, stacked_variables, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +166,7 @@ def unpack(packed, packing: Packing):
 
 # What ``Runner`` compiles: the full network and the per-batch modes.
 RUNNER_MODES = {"masked": resnet.apply, "batch_skip": batch_skip_apply,
-                "looped": looped_skip_apply, "compact": compact_apply}
+                "looped": looped_skip_apply, "compact": compact.compact_apply}
 
 
 def _apply_packed(apply, spec: ResNetSpec, packing: Packing, packed, images, policy):

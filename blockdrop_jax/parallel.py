@@ -69,8 +69,8 @@ def global_batch(mesh: Mesh, size: int, *local_arrays):
 
 def sharded_step(step: Callable, mesh: Mesh, donate: bool = True,
                  replicated_args: int = 2) -> Callable:
-  """``step(state, images, labels, key, k, ...) -> (state, metrics)`` jitted over the mesh: the
-  batch split, the state and the ``replicated_args`` arguments after the labels (key, k and any
+  """``step(state, images, labels, ...) -> (state, metrics)`` jitted over the mesh: the batch
+  split, the state and the ``replicated_args`` arguments after the labels (key, k and any
   further, such as a distillation teacher) replicated."""
   rep, data = replicated(mesh), batch_sharded(mesh)
   return compilation.jit(step, in_shardings=(rep, data, data) + (rep,) * replicated_args,

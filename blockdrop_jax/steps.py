@@ -17,7 +17,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
-from blockdrop_jax import curriculum, execution, rewards
+from blockdrop_jax import compact, curriculum, rewards
 from blockdrop_jax.data import apply_crop_flip, center_crop, crop_flip_draws, to_unit_float
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
@@ -110,7 +110,7 @@ class PolicyLoss:
   resnet_learns_greedy: bool = False
 
 
-CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (execution.resolve_auto)
+CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (compact.resolve_auto)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Nets:
   augment: bool = True
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
   # Curriculum passes: "compact" runs the forced-on prefix once for both passes and then each
-  # block only on the images that keep it (execution.curriculum_pair); "masked" runs two full
+  # block only on the images that keep it (compact.curriculum_pair); "masked" runs two full
   # masked passes as the original does; "auto" picks the faster on this backend. Same results.
   curriculum_passes: str = "auto"
   # The mesh of a step jitted over a sharded global batch (parallel.sharded_step): compact passes
@@ -237,8 +237,8 @@ def policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
 
 
 def _compact_passes(nets: Nets):
-  """execution.curriculum_pair of ``nets.resnet``, per device when the batch is sharded."""
-  pair = functools.partial(execution.curriculum_pair, nets.resnet)
+  """compact.curriculum_pair of ``nets.resnet``, per device when the batch is sharded."""
+  pair = functools.partial(compact.curriculum_pair, nets.resnet)
   if nets.mesh is None:
     return pair
   rows, whole = PartitionSpec(nets.mesh.axis_names), PartitionSpec()
@@ -258,7 +258,7 @@ def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
-  if execution.resolve_auto(nets.curriculum_passes) == "compact":
+  if compact.resolve_auto(nets.curriculum_passes) == "compact":
     logits_greedy, logits_sampled = _compact_passes(nets)(
         {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
   else:
@@ -377,18 +377,18 @@ def greedy_policy(nets: Nets, params, stats, images, k=None):
   return policy
 
 
-def greedy_eval(nets: Nets, params, stats, images, k=None, compact: bool = False):
+def greedy_eval(nets: Nets, params, stats, images, k=None, only_kept_rows: bool = False):
   """Test-time BlockDrop: (logits, policy) of uint8 images, both nets in inference mode; with
-  ``compact`` each block runs only for the images that keep it (same logits, less time)."""
+  ``only_kept_rows`` each block runs only for the images that keep it (same logits, less time)."""
   policy = greedy_policy(nets, params, stats, images, k)
-  return resnet_eval(nets, params, stats, images, policy, compact), policy
+  return resnet_eval(nets, params, stats, images, policy, only_kept_rows), policy
 
 
-def resnet_eval(nets: Nets, params, stats, images, policy=None, compact: bool = False):
+def resnet_eval(nets: Nets, params, stats, images, policy=None, only_kept_rows: bool = False):
   """Logits of the ResNet alone (inference mode) under an optional fixed policy; with
-  ``compact`` (and a policy) each block runs only for the images that keep it."""
-  if compact and policy is not None:
+  ``only_kept_rows`` (and a policy) each block runs only for the images that keep it."""
+  if only_kept_rows and policy is not None:
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
-    return execution.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy)
+    return compact.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy)
   return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], _test_inputs(nets, images),
                   policy)[0]

@@ -65,9 +65,10 @@ def distillation(config, stage: str) -> steps.Distillation:
 
 
 def compiled_step(run: Run, stage: str, tx, mesh):
-  """The step of ``stage``, (state, images, labels, key, k) -> (state, metrics), jitted over the
-  data-parallel ``mesh``: pretraining, the curriculum, BlockDrop's joint finetuning, or the
-  static reference's finetuning under ``run.static_keep``."""
+  """The step of ``stage``, (state, images, labels, stage_key, step, k) -> (state, metrics),
+  jitted over the data-parallel ``mesh``: pretraining, the curriculum, BlockDrop's joint
+  finetuning, or the static reference's finetuning under ``run.static_keep``. Its random key,
+  ``fold_in(stage_key, step)``, is drawn inside the compiled step."""
   nets = dataclasses.replace(run.nets, mesh=mesh)
   distill = distillation(run.config, stage)
   if stage == "pretrain":
@@ -83,9 +84,11 @@ def compiled_step(run: Run, stage: str, tx, mesh):
     loss = policy_loss(run.config, stage)
     fn = lambda s, x, y, key, k, teacher: steps.finetune_step(nets, loss, tx, s, x, y, key,
                                                               teacher)
-  step = parallel.sharded_step(fn, mesh, replicated_args=3)
+  keyed = lambda s, x, y, stage_key, step, k, teacher: fn(
+      s, x, y, jax.random.fold_in(stage_key, step), k, teacher)
+  compiled = parallel.sharded_step(keyed, mesh, replicated_args=4)
   teacher = parallel.replicate(run.starting_resnet, mesh) if distill.weight else None
-  return lambda s, x, y, key, k: step(s, x, y, key, k, teacher)
+  return lambda s, x, y, stage_key, step, k: compiled(s, x, y, stage_key, step, k, teacher)
 
 
 def choose_static_subset(run: Run, fraction: float) -> np.ndarray:
@@ -310,7 +313,7 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
   for b in bar:
     images, labels = parallel.global_batch(loop.mesh, cfg.batch_size, *next(batches))
     loop.trace.before(at.global_step)
-    state, metrics = step_fn(state, images, labels, jax.random.fold_in(stage_key, at.global_step),
+    state, metrics = step_fn(state, images, labels, stage_key, jnp.int32(at.global_step),
                              jnp.int32(_controlled_blocks(run, stage, at.epoch, b)))
     loop.trace.after(at.global_step, state)
     pending.add(metrics)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockdrop_jax import convert, data, execution, steps
+from blockdrop_jax import compact, convert, data, execution, steps
 from blockdrop_jax.models import resnet
 from conftest import akamaster_file
 
@@ -31,7 +31,7 @@ def _policies(n, K, seed=0, keep=0.4, unique=None):
 
 
 _masked = jax.jit(resnet.apply, static_argnums=0)
-_compact = jax.jit(execution.compact_apply, static_argnums=0)
+_compact = jax.jit(compact.compact_apply, static_argnums=0)
 
 
 def masked(spec, variables, images, policy):
@@ -139,15 +139,15 @@ def test_grouping_and_bucketing():
 
 def test_compact_equals_masked_with_one_compilation(net):
   spec, variables, images = net
-  compact = jax.jit(execution.compact_apply, static_argnums=0)
+  compacted = jax.jit(compact.compact_apply, static_argnums=0)
   for seed, keep in enumerate((0.0, 0.3, 0.7, 1.0)):  # every switch branch, none to all rows
     policy = _policies(len(images), spec.num_blocks, seed=seed, keep=keep)
-    np.testing.assert_allclose(compact(spec, variables, images, policy),
+    np.testing.assert_allclose(compacted(spec, variables, images, policy),
                                masked(spec, variables, images, policy), atol=TOL)
-  assert compact._cache_size() == 1
+  assert compacted._cache_size() == 1
   odd = images[:37]  # not a multiple of the chunk: padded with dropped rows
   policy = _policies(len(odd), spec.num_blocks, seed=5)
-  np.testing.assert_allclose(compact(spec, variables, odd, policy),
+  np.testing.assert_allclose(compacted(spec, variables, odd, policy),
                              masked(spec, variables, odd, policy), atol=TOL)
 
 
@@ -168,7 +168,7 @@ def test_curriculum_pair_equals_two_masked_passes(net):
   K = spec.num_blocks
   batch = 13  # the 26 rows of both passes are padded to 32, two chunks of 16
   greedy, sampled = _policies(batch, K, seed=2), _policies(batch, K, seed=3)
-  pair = jax.jit(execution.curriculum_pair, static_argnums=0)
+  pair = jax.jit(compact.curriculum_pair, static_argnums=0)
   for k in (0, 1, 4, K):  # k = 0: every block forced, the sampled rows copied before the head
     mask = np.arange(K) >= K - k
     g, s = np.where(mask, greedy, 1.0), np.where(mask, sampled, 1.0)
@@ -245,11 +245,11 @@ def test_modes_handle_projection_shortcuts():
 def test_auto_runs_compact_on_cpu_and_masked_where_compact_does_not_pay(net, test_records,
                                                                         monkeypatch):
   from blockdrop_jax import evaluation
-  assert execution.compact_pays("cpu") and not execution.compact_pays("gpu")
-  assert execution.resolve_auto("auto") == "compact"  # the tests run on CPU
-  assert execution.resolve_auto("masked") == "masked"
-  monkeypatch.setattr(execution, "compact_pays", lambda platform=None: False)  # as on a GPU
-  assert execution.resolve_auto("auto") == "masked"
+  assert compact.compact_pays("cpu") and not compact.compact_pays("gpu")
+  assert compact.resolve_auto("auto") == "compact"  # the tests run on CPU
+  assert compact.resolve_auto("masked") == "masked"
+  monkeypatch.setattr(compact, "compact_pays", lambda platform=None: False)  # as on a GPU
+  assert compact.resolve_auto("auto") == "masked"
   spec, variables, _ = net
   policy_spec = resnet.policy_spec(spec)
   pv = resnet.init(policy_spec, jax.random.key(3))

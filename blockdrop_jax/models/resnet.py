@@ -285,3 +285,30 @@ def policy_spec(base: ResNetSpec, arch: Optional[str] = None,
   return make_spec(arch, num_classes=base.num_blocks, shortcut="avgpool" if cifar else "projection",
                    input_mean=base.input_mean, input_std=base.input_std,
                    input_pool=input_pool or (1 if cifar else 2))
+
+
+# One part of the network at a time, for the execution modes (execution.py, compact.py) that run
+# blocks on their own.
+
+
+def apply_stem(spec, variables, x, train=False):
+  return ResNet(spec).apply(variables, x, train, method=lambda m, x, tr: m.stem(x, tr))
+
+
+def apply_block(spec, variables, t, x):
+  return ResNet(spec).apply(variables, x, method=lambda m, x: m.run_block(t, x))
+
+
+def apply_shortcut(spec, variables, t, x):
+  """Block t's output when dropped."""
+  return ResNet(spec).apply(variables, x, method=lambda m, x: m.blocks[t](x, False, True))
+
+
+def apply_head(spec, variables, x):
+  return ResNet(spec).apply(variables, x, method=lambda m, x: m.head(x))
+
+
+def changes_shape(spec: ResNetSpec, t: int) -> bool:
+  """Whether block t's output has another shape than its input (stride or width)."""
+  _, _, in_channels, width, stride = spec.block_layout()[t]
+  return stride != 1 or in_channels != width * spec.expansion
