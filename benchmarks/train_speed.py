@@ -30,7 +30,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.speed import fresh_policy, load_net, paired_ratio, timed_alternately  # noqa: E402
-from blockdrop_jax import compilation, convert, data, registry, steps  # noqa: E402
+from blockdrop_jax import compilation, data, registry, steps, torch_layout  # noqa: E402
 from blockdrop_jax.configs import default  # noqa: E402
 
 STAGES = ("pretrain", "curriculum", "finetune")
@@ -63,8 +63,8 @@ def torch_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
   """stage -> a no-argument function running one update of the original in PyTorch."""
   import torch
   from blockdrop_jax import torch_nets
-  rnet = torch_nets.network(spec, convert.to_torch_state_dict(variables, spec), "blockdrop")
-  agent = torch_nets.network(policy_spec, convert.to_torch_state_dict(policy, policy_spec),
+  rnet = torch_nets.network(spec, torch_layout.to_torch_state_dict(variables, spec), "blockdrop")
+  agent = torch_nets.network(policy_spec, torch_layout.to_torch_state_dict(policy, policy_spec),
                              "blockdrop")
   x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
   y = torch.from_numpy(np.asarray(labels, np.int64))

@@ -10,7 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from blockdrop_jax import checkpoint, configs, convert, references
+from blockdrop_jax import checkpoint, configs, convert, original_checkpoint, references
 from blockdrop_jax.data import Dataset, load_dataset, split_validation
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
@@ -37,7 +37,7 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   plus a fresh policy."""
   options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
   if config.init_from and os.path.isfile(config.init_from):  # the original's BlockDrop checkpoint
-    nets, params, stats = convert.load_blockdrop_checkpoint(
+    nets, params, stats = original_checkpoint.load_blockdrop_checkpoint(
         config.init_from, config.base.checkpoint or None, config.base.input_mean or None,
         config.base.input_std or None)
     return dataclasses.replace(nets, **options), params, stats

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blockdrop_jax import convert
+from blockdrop_jax import torch_layout
+from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models.resnet import ResNetSpec
 
 
@@ -98,19 +99,19 @@ class FlatResNet(nn.Module):
 
 def network(spec: ResNetSpec, state_dict: dict, layout: str) -> FlatResNet:
   """The PyTorch network of ``spec`` holding a file's own tensors (``layout``: the file's key
-  naming, as ``convert`` names layouts), in inference mode."""
+  naming, as ``torch_layout`` names layouts), in inference mode."""
   model = FlatResNet(spec)
-  state_dict = convert.strip_module_prefix(state_dict)
+  state_dict = torch_layout.strip_module_prefix(state_dict)
   renamed = {}
-  for (theirs, path, _), (mine, _, _) in zip(convert._modules(spec, layout),
-                                             convert._modules(spec, "blockdrop")):
+  for (theirs, path, _), (mine, _, _) in zip(torch_layout._modules(spec, layout),
+                                             torch_layout._modules(spec, "blockdrop")):
     for key, value in state_dict.items():
       if key.startswith(theirs + "."):
         renamed[mine + key[len(theirs):]] = torch.from_numpy(np.array(value, np.float32))
   missing, _ = model.load_state_dict(renamed, strict=False)
   missing = [k for k in missing if not k.endswith("num_batches_tracked")]
   if missing:
-    raise convert.BlockDropError(f"the PyTorch network of {spec.name} lacks {missing[:4]}")
+    raise BlockDropError(f"the PyTorch network of {spec.name} lacks {missing[:4]}")
   return model.eval()
 
 

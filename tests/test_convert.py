@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from blockdrop_jax import BlockDropError, convert
+from blockdrop_jax import BlockDropError, convert, safetensors_file, torch_file, torch_layout
 from blockdrop_jax.models import resnet
 from conftest import akamaster_file
 
@@ -24,7 +24,7 @@ def test_safetensors_round_trip_is_exact(tmp_path, name, shortcut):
   spec = resnet.make_spec(name, shortcut=shortcut, input_mean=(0.5, 0.5, 0.5))
   variables = _random_variables(spec)
   path = str(tmp_path / "w.safetensors")
-  convert.save_safetensors(path, variables, spec)
+  safetensors_file.save_safetensors(path, variables, spec)
   spec2, variables2 = convert.load_pretrained(path)
   assert spec2 == spec
   jax.tree.map(np.testing.assert_array_equal, variables2, jax.tree.map(np.asarray, variables))
@@ -32,7 +32,7 @@ def test_safetensors_round_trip_is_exact(tmp_path, name, shortcut):
 
 def test_export_uses_pytorch_layout_names_and_shapes():
   spec = resnet.make_spec("cifar_resnet20", shortcut="projection")
-  state = convert.to_torch_state_dict(_random_variables(spec), spec)
+  state = torch_layout.to_torch_state_dict(_random_variables(spec), spec)
   assert state["conv1.weight"].shape == (16, 3, 3, 3)
   assert state["blocks.1.0.conv1.weight"].shape == (32, 16, 3, 3)
   assert state["ds.1.0.weight"].shape == (32, 16, 1, 1)
@@ -40,7 +40,7 @@ def test_export_uses_pytorch_layout_names_and_shapes():
 
 
 def _akamaster_state(shared_data):
-  return convert.load_torch_file(akamaster_file(shared_data, 20))
+  return torch_file.load_torch_file(akamaster_file(shared_data, 20))
 
 
 def test_missing_unexpected_and_misshaped_keys_are_listed(shared_data):
@@ -50,7 +50,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(shared_data):
   state["module.linear.weight"] = np.zeros((11, 64))
   spec = resnet.make_spec("cifar_resnet20")
   with pytest.raises(BlockDropError) as err:
-    convert.from_torch_state_dict(state, spec)
+    torch_layout.from_torch_state_dict(state, spec)
   message = str(err.value)
   assert "1 missing: layer1.0.conv1.weight" in message
   assert "1 unexpected: extra.weight" in message
@@ -64,7 +64,7 @@ def test_depth_mismatch_is_refused(shared_data):
 
 def test_architecture_is_inferred_from_keys(shared_data):
   for depth in (20, 56):
-    spec, layout = convert.infer_spec(convert.load_torch_file(akamaster_file(shared_data, depth)))
+    spec, layout = torch_layout.infer_spec(torch_file.load_torch_file(akamaster_file(shared_data, depth)))
     assert (spec.name, spec.shortcut, layout) == (f"cifar_resnet{depth}", "A", "akamaster")
     assert spec.input_mean == resnet.IMAGENET_MEAN
 
@@ -83,7 +83,7 @@ def test_files_needing_arbitrary_unpickling_are_refused(tmp_path, payload):
   torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1),
               "payload": payload}, path)
   with pytest.raises(BlockDropError, match="refusing to load .*weights_only=True"):
-    convert.load_torch_file(path)
+    torch_file.load_torch_file(path)
 
 
 def test_missing_checkpoint_file():

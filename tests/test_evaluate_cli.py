@@ -32,7 +32,7 @@ def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data,
                                                          capsys):
   torch = pytest.importorskip("torch")
   import torch_reference as ref
-  from blockdrop_jax import convert, data
+  from blockdrop_jax import data, torch_file
 
   out = tmp_path / "out.json"
   # In-process (the same main() the command runs; the error tests below run the command itself).
@@ -43,7 +43,7 @@ def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data,
   assert f"({EXPECTED_CORRECT[depth]}/1000)" in capsys.readouterr().out
 
   model = ref.AkamasterResNet((depth - 2) // 6)
-  state = convert.load_torch_file(akamaster_file(shared_data, depth))
+  state = torch_file.load_torch_file(akamaster_file(shared_data, depth))
   model.load_state_dict({k.removeprefix("module."): torch.from_numpy(v) for k, v in state.items()})
   images, _ = data.read_cifar_records(test_records)
   with torch.no_grad():

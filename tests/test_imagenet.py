@@ -104,12 +104,12 @@ def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tm
   ``tfds:imagenet2012``, with a random ResNet-10 base so it runs in seconds: both BlockDrop
   stages, the report, and evaluate.py on the run."""
   import jax
-  from blockdrop_jax import convert
+  from blockdrop_jax import safetensors_file
   from blockdrop_jax.models import resnet
   from test_evaluate_cli import evaluate_in_process
   spec = resnet.make_spec("imagenet_resnet10", num_classes=1000)
   base = str(tmp_path / "resnet10.safetensors")
-  convert.save_safetensors(base, resnet.init(spec, jax.random.key(0)), spec, layout="torchvision")
+  safetensors_file.save_safetensors(base, resnet.init(spec, jax.random.key(0)), spec, layout="torchvision")
   config = configs.load("r101_imgnet" + ":smoke", [
       "--config.data.train=tfds:imagenet2012", "--config.data.test=tfds:imagenet2012",
       "--config.data.test_split=validation", f"--config.data.data_dir={imagenet_tfds}",
@@ -140,12 +140,12 @@ def test_imagenet_policy_starts_from_resnet18_layers(tmp_path):
   """As the original's Policy224: the stem and the first block of each stage (downsample
   included) from an ImageNet ResNet-18 file; the classifier stays its own."""
   import jax
-  from blockdrop_jax import convert
+  from blockdrop_jax import convert, safetensors_file
   from blockdrop_jax.models import resnet
   donor_spec = resnet.make_spec("imagenet_resnet18")
   donor = resnet.init(donor_spec, jax.random.key(1))
   path = str(tmp_path / "resnet18.safetensors")
-  convert.save_safetensors(path, donor, donor_spec, layout="torchvision")
+  safetensors_file.save_safetensors(path, donor, donor_spec, layout="torchvision")
   policy_spec = resnet.policy_spec(resnet.make_spec("imagenet_resnet101"))
   fresh = resnet.init(policy_spec, jax.random.key(2))
   started = convert.policy_from_resnet(policy_spec, fresh, path)
@@ -160,5 +160,5 @@ def test_imagenet_policy_starts_from_resnet18_layers(tmp_path):
   with pytest.raises(BlockDropError, match="cannot start the imagenet_resnet10 policy network"):
     cifar = resnet.make_spec("cifar_resnet20")
     cifar_path = str(tmp_path / "cifar.safetensors")
-    convert.save_safetensors(cifar_path, resnet.init(cifar, jax.random.key(0)), cifar)
+    safetensors_file.save_safetensors(cifar_path, resnet.init(cifar, jax.random.key(0)), cifar)
     convert.policy_from_resnet(policy_spec, fresh, cifar_path)

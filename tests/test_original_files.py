@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from blockdrop_jax import BlockDropError, convert, data
+from blockdrop_jax import BlockDropError, convert, data, original_checkpoint
 from test_evaluate_cli import _one_line_error, evaluate_in_process, run_evaluate
 
 torch = pytest.importorskip("torch")
@@ -167,6 +167,6 @@ def test_training_continues_from_the_originals_curriculum_checkpoint(original_fi
       "--config.stages=finetune", f"--config.init_from={original_files['curriculum']}",
       f"--config.base.checkpoint={original_files['base']}"])
   nets, params, stats = run_inputs.initial_variables(config, jax.random.key(0))
-  expected = convert.load_blockdrop_checkpoint(original_files["finetuned"])
+  expected = original_checkpoint.load_blockdrop_checkpoint(original_files["finetuned"])
   assert (nets.resnet, nets.policy) == (expected[0].resnet, expected[0].policy)
   jax.tree.map(np.testing.assert_array_equal, (params, stats), expected[1:])

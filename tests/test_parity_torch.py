@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_reference as ref  # noqa: E402
-from blockdrop_jax import convert, data  # noqa: E402
+from blockdrop_jax import convert, data, torch_file  # noqa: E402
 from blockdrop_jax.models import resnet  # noqa: E402
 from conftest import akamaster_file  # noqa: E402
 
@@ -32,7 +32,7 @@ def images(test_records):
 
 @pytest.fixture(scope="module")
 def akamaster32(shared_data):
-  state = convert.load_torch_file(akamaster_file(shared_data, 32))
+  state = torch_file.load_torch_file(akamaster_file(shared_data, 32))
   model = ref.AkamasterResNet(5)
   model.load_state_dict({k.removeprefix("module."): torch.from_numpy(v) for k, v in state.items()})
   spec, variables = convert.load_pretrained(akamaster_file(shared_data, 32))

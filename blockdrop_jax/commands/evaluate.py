@@ -74,7 +74,8 @@ def _floats(flag) -> list[float] | None:
 
 def main(argv) -> int:
   cli.no_positional_arguments(argv)
-  from blockdrop_jax import checkpoint, convert, data, evaluation, multihost, steps, storage
+  from blockdrop_jax import (checkpoint, convert, data, evaluation, multihost, original_checkpoint,
+                             steps, storage, torch_file)
   say = print if multihost.is_chief() else lambda *lines: None  # process 0 speaks for all
   normalisation = dict(input_mean=_floats(INPUT_MEAN), input_std=_floats(INPUT_STD))
   if CROSS_CHECK.value and (not os.path.isfile(CHECKPOINT.value)
@@ -83,12 +84,12 @@ def main(argv) -> int:
   dataset = multihost.process_0_first("data ready", lambda: data.load_dataset(
       DATA.value, SPLIT.value, DATASET.value, DATA_DIR.value, DOWNLOAD.value))
   blockdrop_file = (os.path.isfile(CHECKPOINT.value) and not CHECKPOINT.value.endswith(
-      ".safetensors") and convert.is_blockdrop_checkpoint(convert.read_torch_file(CHECKPOINT.value)))
+      ".safetensors") and original_checkpoint.is_blockdrop_checkpoint(torch_file.read_torch_file(CHECKPOINT.value)))
   # A folder or a bucket (gs://...) is a training workdir; load_run says if it is not one.
   if os.path.isdir(CHECKPOINT.value) or storage.is_remote(CHECKPOINT.value) or blockdrop_file:
     meta = None
     if blockdrop_file:
-      nets, params, stats = convert.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
+      nets, params, stats = original_checkpoint.load_blockdrop_checkpoint(CHECKPOINT.value, BASE.value,
                                                               **normalisation)
       origin = "the original's checkpoint"
     else:
@@ -137,23 +138,23 @@ def _cross_check(dataset, result: dict, blockdrop_file: bool, nets, params, stat
   """Our per-image outputs (``result``, and the ResNet's logits from the loaded ``nets``,
   ``params``, ``stats``) against PyTorch's from the file's own tensors."""
   import numpy as np
-  from blockdrop_jax import convert, evaluation
+  from blockdrop_jax import evaluation, original_checkpoint, torch_file, torch_layout
   try:
     from blockdrop_jax import torch_nets
   except ImportError as e:
     raise BlockDropError("--cross_check needs torch: pip install 'blockdrop-jax[torch]'") from e
   n = len(dataset)
   if blockdrop_file:
-    agent, resnet_state = convert.blockdrop_state_dicts(CHECKPOINT.value, BASE.value)
-    policy_layout = convert.infer_spec(agent)[1]
+    agent, resnet_state = original_checkpoint.blockdrop_state_dicts(CHECKPOINT.value, BASE.value)
+    policy_layout = torch_layout.infer_spec(agent)[1]
     policy_logits = torch_nets.logits(torch_nets.network(nets.policy, agent, policy_layout),
                                       dataset.images)
     policies = (policy_logits >= 0).astype(np.float32)
     ours_policies = np.asarray(result["policies"], np.float32)
   else:
-    resnet_state = convert.load_torch_file(CHECKPOINT.value)
+    resnet_state = torch_file.load_torch_file(CHECKPOINT.value)
     policies = ours_policies = np.ones((n, nets.resnet.num_blocks), np.float32)
-  layout = convert.infer_spec(resnet_state, ARCH.value, SHORTCUT.value)[1]
+  layout = torch_layout.infer_spec(resnet_state, ARCH.value, SHORTCUT.value)[1]
   theirs = torch_nets.logits(torch_nets.network(nets.resnet, resnet_state, layout),
                              dataset.images, policies)
   ours = evaluation.resnet_logits(nets, params, stats, dataset, ours_policies, BATCH_SIZE.value,
