@@ -79,17 +79,6 @@ def one_process(tmp_path_factory, shared_data):
   return workdir, proc.stdout
 
 
-def test_two_processes_train_as_one_process_with_their_devices(tmp_path, one_process):
-  reference, reference_out = one_process
-  proc = _run(_launch(*_train_command(tmp_path / "run")), devices=2)
-  assert proc.returncode == 0, proc.stdout[-3000:]
-  _assert_same_run(tmp_path / "run", reference)
-  chief, other = _lines_of(proc.stdout, 0), _lines_of(proc.stdout, 1)
-  summary = reference_out[reference_out.index("Finished"):].splitlines()
-  assert chief[-len(summary):-1] == summary[:-1]  # all but the line naming the workdir
-  assert not [line for line in other if "epoch" in line or "Accuracy" in line]
-
-
 def test_evaluate_gives_the_same_report_on_two_processes(tmp_path, one_process, test_records):
   reference, _ = one_process
   common = [os.path.join(REPO, "evaluate.py"), "--checkpoint", str(reference), "--data",
@@ -137,15 +126,23 @@ def test_preempted_on_two_processes_resumes_on_one(tmp_path, one_process):
   _assert_same_run(workdir, one_process[0])
 
 
-def test_preempted_single_process_resumes_on_two(tmp_path, one_process):
+def test_preempted_single_process_resumes_on_two_as_one_process_trains(tmp_path, one_process):
+  """Stopped after its first step, a one-process run goes on under two processes of two devices
+  each (the rest of the training) to the values of one process with four, only process 0
+  printing."""
   from blockdrop_jax import multihost
+  reference, reference_out = one_process
   workdir = tmp_path / "run"
   code, output = _preempt([sys.executable, *_train_command(workdir)], cli_env(4))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
   assert "run the same command again to resume" in output
   proc = _run(_launch(*_train_command(workdir)), devices=2)
   assert proc.returncode == 0, proc.stdout[-3000:]
-  _assert_same_run(workdir, one_process[0])
+  _assert_same_run(workdir, reference)
+  chief, other = _lines_of(proc.stdout, 0), _lines_of(proc.stdout, 1)
+  summary = reference_out[reference_out.index("Finished"):].splitlines()
+  assert chief[-len(summary):-1] == summary[:-1]  # all but the line naming the workdir
+  assert not [line for line in other if "epoch" in line or "Accuracy" in line]
 
 
 def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
