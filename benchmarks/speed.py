@@ -202,8 +202,8 @@ def curriculum_rows(spec, variables, policy: tuple, policy_name: str, images, la
   # The whole update, new state included: were the state dropped inside jit, XLA would remove
   # the policy network's backward pass and the optimiser update as dead code.
   step = {p: compilation.jit(functools.partial(
-      steps.curriculum_step, steps.Nets(spec, policy_spec, curriculum_passes=p), steps.PolicyLoss(),
-      tx, key=jax.random.key(0))) for p in passes}
+      steps.curriculum_step, steps.Nets(spec, policy_spec), steps.PolicyLoss(), tx,
+      key=jax.random.key(0), options=steps.StepOptions(curriculum_passes=p))) for p in passes}
   first_call = {p: timed_call(lambda: step[p](state, x, y, k=jnp.int32(ks[0])))[0] for p in passes}
   blocks = {p: [] for p in passes}
   for k in map(jnp.int32, ks):

@@ -39,14 +39,18 @@ STAGES = ("pretrain", "curriculum", "finetune")
 def jax_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
   """stage -> a no-argument function running one jitted update of that stage."""
   config = default.get_config()
-  nets = steps.Nets(spec, policy_spec, curriculum_passes=config.curriculum.passes)
+  nets = steps.Nets(spec, policy_spec)
+  options = steps.StepOptions(curriculum_passes=config.curriculum.passes)
   loss, key, k = steps.PolicyLoss(), jax.random.key(0), jnp.int32(spec.num_blocks)
   optimizers = {"pretrain": optax.sgd(0.1, momentum=0.9), "curriculum": optax.adam(1e-3),
                 "finetune": optax.adam(1e-4)}
   updates = {
-      "pretrain": lambda tx, s, x, y: steps.pretrain_step(nets, tx, s, x, y, key),
-      "curriculum": lambda tx, s, x, y: steps.curriculum_step(nets, loss, tx, s, x, y, key, k),
-      "finetune": lambda tx, s, x, y: steps.finetune_step(nets, loss, tx, s, x, y, key),
+      "pretrain": lambda tx, s, x, y: steps.pretrain_step(nets, tx, s, x, y, key,
+                                                          options=options),
+      "curriculum": lambda tx, s, x, y: steps.curriculum_step(nets, loss, tx, s, x, y, key, k,
+                                                              options),
+      "finetune": lambda tx, s, x, y: steps.finetune_step(nets, loss, tx, s, x, y, key,
+                                                          options=options),
   }
   params = {"resnet": variables["params"], "policy": policy["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": policy["batch_stats"]}

@@ -89,9 +89,10 @@ def split_for_pmap(array, devices: int):
   return array.reshape(devices, array.shape[0] // devices, *array.shape[1:])
 
 
-def with_axis(nets, axis_name: Optional[str] = AXIS):
-  """The networks' step options with BatchNorm/gradients averaged over ``axis_name`` (pmap)."""
-  return dataclasses.replace(nets, axis_name=axis_name)
+def with_axis(options, axis_name: Optional[str] = AXIS):
+  """``steps.StepOptions`` with BatchNorm, gradients and metrics averaged over ``axis_name``
+  (pmap)."""
+  return dataclasses.replace(options, axis_name=axis_name)
 
 
 def stack_for_pmap(tree, devices: int):

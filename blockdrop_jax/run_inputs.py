@@ -35,15 +35,13 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
   ``config.init_from`` (an earlier run's workdir, or a checkpoint of the original code, whose
   ResNet comes from ``config.base.checkpoint`` if it holds the policy alone), else a base file
   plus a fresh policy."""
-  options = dict(augment=config.data.augment, curriculum_passes=config.curriculum.passes)
   if config.init_from and os.path.isfile(config.init_from):  # the original's BlockDrop checkpoint
     nets, params, stats = original_checkpoint.load_blockdrop_checkpoint(
         config.init_from, config.base.checkpoint or None, config.base.input_mean or None,
         config.base.input_std or None)
-    return dataclasses.replace(nets, **options), params, stats
+    return nets, params, stats
   if config.init_from:
-    nets, params, stats, _ = checkpoint.load_run(config.init_from)
-    return dataclasses.replace(nets, **options), params, stats
+    return checkpoint.load_run(config.init_from)[:3]
   if config.base.checkpoint:
     spec, base = convert.load_pretrained(config.base.checkpoint, config.base.arch or None,
                                          config.base.shortcut or None)
@@ -60,7 +58,7 @@ def initial_variables(config, key) -> tuple[Nets, dict, dict]:
     policy = convert.policy_from_resnet(policy_spec, policy, config.policy_init)
   if config.policy_init_bias:
     policy = resnet.with_policy_bias(policy, config.policy_init_bias)
-  nets = Nets(spec, policy_spec, **options)
+  nets = Nets(spec, policy_spec)
   params = {"resnet": base["params"], "policy": policy["params"]}
   stats = {"resnet": base["batch_stats"], "policy": policy["batch_stats"]}
   return nets, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)

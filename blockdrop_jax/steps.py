@@ -1,8 +1,10 @@
 """Pure train and eval steps for the three stages: pretrain, curriculum, finetune.
 
-Each step is ``step(state, images, labels, key, ...) -> (state, metrics)`` with all randomness
-from ``key``, so it runs under ``jit``, ``shard_map``/``pmap`` and in a notebook alike. Images are
-uint8; augmentation happens inside the step.
+Each step is ``step(nets, ..., state, images, labels, key, ..., options) -> (state, metrics)``
+with all randomness from ``key``, so it runs under ``jit``, ``shard_map``/``pmap`` and in a
+notebook alike: ``Nets`` says what is trained (the networks' specs), ``StepOptions`` how the step
+computes it (augmentation, device axis, execution of the curriculum's passes). Images are uint8;
+augmentation happens inside the step.
 """
 
 from __future__ import annotations
@@ -115,9 +117,18 @@ CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (compact.r
 
 @dataclasses.dataclass(frozen=True)
 class Nets:
+  """The networks a step trains or evaluates: the base ResNet's and the policy network's specs."""
+
   resnet: ResNetSpec
   policy: Optional[ResNetSpec] = None
-  augment: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How a training step computes what it trains (a static jit argument): the data's
+  augmentation and how the work is spread over devices and passes."""
+
+  augment: bool = True  # random crops and flips (False: the centre crop)
   axis_name: Optional[str] = None  # set under pmap/shard_map so BatchNorm averages over devices
   # Curriculum passes: "compact" runs the forced-on prefix once for both passes and then each
   # block only on the images that keep it (compact.curriculum_pair); "masked" runs two full
@@ -129,9 +140,9 @@ class Nets:
   mesh: Optional[Mesh] = None
 
 
-def _forward(nets: Nets, spec: ResNetSpec, params, stats, images, policy=None, train=False):
+def _forward(spec: ResNetSpec, params, stats, images, policy=None, train=False, axis_name=None):
   """(logits, new batch stats) of one network."""
-  model = resnet.ResNet(spec, axis_name=nets.axis_name)
+  model = resnet.ResNet(spec, axis_name=axis_name)
   variables = {"params": params, "batch_stats": stats}
   if not train:
     return model.apply(variables, images, policy), stats
@@ -143,30 +154,31 @@ def _mean_over_devices(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def _this_devices_draws(nets: Nets, draw, key, rows: int):
+def _this_devices_draws(axis_name: Optional[str], draw, key, rows: int):
   """Random numbers for this device's rows of the global batch.
 
   Under ``pmap``/``shard_map`` (``axis_name`` set) every device draws the whole global batch's
   numbers and keeps its own rows, so a step samples the same crops, flips and policies on 1 device,
   on 8 sharded devices and under ``pmap`` alike. ``draw(key, n)`` returns arrays of n rows."""
-  if nets.axis_name is None:
+  if axis_name is None:
     return draw(key, rows)
-  devices = jax.lax.psum(1, nets.axis_name)
-  start = jax.lax.axis_index(nets.axis_name) * rows
+  devices = jax.lax.psum(1, axis_name)
+  start = jax.lax.axis_index(axis_name) * rows
   return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, rows),
                       draw(key, rows * devices))
 
 
-def training_inputs(nets: Nets, key, images):
+def training_inputs(nets: Nets, key, images, options: StepOptions = StepOptions()):
   """Training inputs: random crop and flip. CIFAR images are padded by 4 and cropped back to 32;
   larger images (ImageNet, stored at 256) give random crops of the network's input size."""
   x = to_unit_float(images)
   size = nets.resnet.image_size
-  if not nets.augment:
+  if not options.augment:
     return center_crop(x, size)
   pad = 4 if x.shape[1] == size else 0
   max_offset = x.shape[1] + 2 * pad - size
-  draws = _this_devices_draws(nets, lambda k, n: crop_flip_draws(k, n, max_offset), key, x.shape[0])
+  draws = _this_devices_draws(options.axis_name, lambda k, n: crop_flip_draws(k, n, max_offset),
+                              key, x.shape[0])
   return apply_crop_flip(x, *draws, pad=pad, size=size)
 
 
@@ -199,71 +211,74 @@ def _teacher_logits(nets: Nets, teacher, x):
   if teacher is None:
     return None
   return jax.lax.stop_gradient(
-      _forward(nets, nets.resnet, teacher["params"], teacher["batch_stats"], x)[0])
+      _forward(nets.resnet, teacher["params"], teacher["batch_stats"], x)[0])
 
 
 def pretrain_step(nets: Nets, tx, state: TrainState, images, labels, key, keep=None, teacher=None,
-                  distillation: Distillation = Distillation()):
+                  distillation: Distillation = Distillation(),
+                  options: StepOptions = StepOptions()):
   """Training of the ResNet alone (BatchNorm in training mode): every block, or the fixed subset
   ``keep`` (K,) for every image (the static reference), with cross-entropy or ``distillation``
   from ``teacher``."""
-  x = training_inputs(nets, key, images)
+  x = training_inputs(nets, key, images, options)
   policy = None if keep is None else jnp.broadcast_to(keep, (x.shape[0], keep.shape[-1]))
 
   def loss_fn(params):
-    logits, stats = _forward(nets, nets.resnet, params["resnet"], state.batch_stats["resnet"], x,
-                             policy, train=True)
+    logits, stats = _forward(nets.resnet, params["resnet"], state.batch_stats["resnet"], x,
+                             policy, train=True, axis_name=options.axis_name)
     loss = classification_loss(distillation, logits, labels, _teacher_logits(nets, teacher, x))
     return loss, (logits, stats)
 
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = _mean_over_devices(grads, nets.axis_name)
+  grads = _mean_over_devices(grads, options.axis_name)
   state = _apply_updates(state, tx, grads, {**state.batch_stats, "resnet": stats})
   return state, _mean_over_devices({"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == labels)},
-                                   nets.axis_name)
+                                   options.axis_name)
 
 
-def policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key):
+def policy_pass(nets: Nets, loss: PolicyLoss, params, stats, x, key,
+                axis_name: Optional[str] = None):
   """The policy network on a batch (training mode): (log p', log(1 - p'), the sampled policy,
   the greedy policy, its new batch statistics), the sample drawn with ``key``."""
-  logits, policy_stats = _forward(nets, nets.policy, params["policy"], stats["policy"], x,
-                                  train=True)
+  logits, policy_stats = _forward(nets.policy, params["policy"], stats["policy"], x, train=True,
+                                  axis_name=axis_name)
   log_p, log_not_p = rewards.bounded_log_probs(logits, loss.alpha)
   uniforms = _this_devices_draws(
-      nets, lambda k, n: jax.random.uniform(k, (n, logits.shape[1])), key, logits.shape[0])
+      axis_name, lambda k, n: jax.random.uniform(k, (n, logits.shape[1])), key, logits.shape[0])
   sampled = jax.lax.stop_gradient(rewards.sample_policy(key, log_p, uniforms))
   greedy = rewards.greedy_policy(jax.lax.stop_gradient(logits))
   return log_p, log_not_p, sampled, greedy, policy_stats
 
 
-def _compact_passes(nets: Nets):
+def _compact_passes(nets: Nets, mesh: Optional[Mesh]):
   """compact.curriculum_pair of ``nets.resnet``, per device when the batch is sharded."""
   pair = functools.partial(compact.curriculum_pair, nets.resnet)
-  if nets.mesh is None:
+  if mesh is None:
     return pair
-  rows, whole = PartitionSpec(nets.mesh.axis_names), PartitionSpec()
-  return jax.shard_map(pair, mesh=nets.mesh, in_specs=(whole, rows, rows, rows, whole),
+  rows, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
+  return jax.shard_map(pair, mesh=mesh, in_specs=(whole, rows, rows, rows, whole),
                        out_specs=(rows, rows))
 
 
 def curriculum_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key, k,
-                    budget_multiplier=0.0):
+                    budget_multiplier=0.0, options: StepOptions = StepOptions()):
   """Stage 1 loss (ResNet frozen, BN inference mode) and its measurements.
 
   Returns (loss, (metrics, new policy batch stats)). ``k`` is the number of policy-controlled
   blocks; it may be a traced value, so the whole curriculum compiles once.
   """
   K = nets.resnet.num_blocks
-  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key)
+  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key,
+                                                                options.axis_name)
   mask = curriculum.controlled_mask(k, K)
   sampled, greedy = curriculum.force_prefix(sampled, mask), curriculum.force_prefix(greedy, mask)
   frozen = jax.lax.stop_gradient(params["resnet"])
-  if compact.resolve_auto(nets.curriculum_passes) == "compact":
-    logits_greedy, logits_sampled = _compact_passes(nets)(
+  if compact.resolve_auto(options.curriculum_passes) == "compact":
+    logits_greedy, logits_sampled = _compact_passes(nets, options.mesh)(
         {"params": frozen, "batch_stats": stats["resnet"]}, x, greedy, sampled, K - k)
   else:
-    logits_greedy, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, greedy)
-    logits_sampled, _ = _forward(nets, nets.resnet, frozen, stats["resnet"], x, sampled)
+    logits_greedy, _ = _forward(nets.resnet, frozen, stats["resnet"], x, greedy)
+    logits_sampled, _ = _forward(nets.resnet, frozen, stats["resnet"], x, sampled)
   total, metrics = policy_gradient_loss(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
                                         logits_greedy, labels, mask, entropy=True, mean=True,
                                         budget_multiplier=budget_multiplier)
@@ -305,36 +320,38 @@ def policy_gradient_loss(loss: PolicyLoss, log_p, log_not_p, sampled, greedy, lo
   return total, metrics
 
 
-def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key, k):
+def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key, k,
+                    options: StepOptions = StepOptions()):
   """One curriculum update of the policy network; the ResNet stays frozen."""
   aug_key, sample_key = jax.random.split(key)
-  x = training_inputs(nets, aug_key, images)
+  x = training_inputs(nets, aug_key, images, options)
   grad_fn = jax.value_and_grad(
       lambda p: curriculum_loss(nets, loss, p, state.batch_stats, x, labels, sample_key, k,
-                                state.budget_multiplier),
+                                state.budget_multiplier, options),
       has_aux=True)
   (total, (metrics, policy_stats)), grads = grad_fn(state.params)
-  grads = _mean_over_devices(grads, nets.axis_name)
+  grads = _mean_over_devices(grads, options.axis_name)
   new_state = _apply_updates(state, tx, grads, {**state.batch_stats, "policy": policy_stats})
-  metrics = _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  metrics = _mean_over_devices({**metrics, "loss": total}, options.axis_name)
   K = nets.resnet.num_blocks
   return _update_budget_multiplier(loss, new_state, metrics, K, active=k >= K)
 
 
 def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
-                  budget_multiplier=0.0, teacher_logits=None):
+                  budget_multiplier=0.0, teacher_logits=None, axis_name: Optional[str] = None):
   """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
   sampled pass (or with ``loss.distillation`` from ``teacher_logits``). Both ResNet passes run
   with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
   only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one)."""
-  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key)
+  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key,
+                                                                axis_name)
   learning, frozen = params["resnet"], jax.lax.stop_gradient(params["resnet"])
   greedy_weights, sampled_weights = ((learning, frozen) if loss.resnet_learns_greedy
                                      else (frozen, learning))
-  logits_greedy, resnet_stats = _forward(nets, nets.resnet, greedy_weights, stats["resnet"], x,
-                                         greedy, train=True)
-  logits_sampled, resnet_stats = _forward(nets, nets.resnet, sampled_weights, resnet_stats, x,
-                                          sampled, train=True)
+  logits_greedy, resnet_stats = _forward(nets.resnet, greedy_weights, stats["resnet"], x, greedy,
+                                         train=True, axis_name=axis_name)
+  logits_sampled, resnet_stats = _forward(nets.resnet, sampled_weights, resnet_stats, x, sampled,
+                                          train=True, axis_name=axis_name)
   ones = jnp.ones((nets.resnet.num_blocks,))
   pg, metrics = policy_gradient_loss(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
                                      jax.lax.stop_gradient(logits_greedy), labels, ones,
@@ -344,33 +361,34 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
       loss.distillation, logits_greedy if loss.resnet_learns_greedy else logits_sampled, labels,
       teacher_logits)
   metrics = {**metrics, "cross_entropy": cross_entropy}
-  if nets.axis_name is not None and not loss.finetune_pg_mean:
+  if axis_name is not None and not loss.finetune_pg_mean:
     # Gradients are averaged over devices; a sum over the global batch is n times that average.
-    pg = pg * jax.lax.psum(1, nets.axis_name)
+    pg = pg * jax.lax.psum(1, axis_name)
   return pg + cross_entropy, (metrics, {"policy": policy_stats, "resnet": resnet_stats})
 
 
 def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, labels, key,
-                  teacher=None):
+                  teacher=None, options: StepOptions = StepOptions()):
   """One joint update of the policy network and the ResNet (``teacher``: the ResNet that
   ``loss.distillation`` distils from)."""
   aug_key, sample_key = jax.random.split(key)
-  x = training_inputs(nets, aug_key, images)
+  x = training_inputs(nets, aug_key, images, options)
   teacher_logits = _teacher_logits(nets, teacher, x)
   grad_fn = jax.value_and_grad(
       lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key,
-                              state.budget_multiplier, teacher_logits), has_aux=True)
+                              state.budget_multiplier, teacher_logits, options.axis_name),
+      has_aux=True)
   (total, (metrics, stats)), grads = grad_fn(state.params)
-  grads = _mean_over_devices(grads, nets.axis_name)
+  grads = _mean_over_devices(grads, options.axis_name)
   new_state = _apply_updates(state, tx, grads, stats)
-  metrics = _mean_over_devices({**metrics, "loss": total}, nets.axis_name)
+  metrics = _mean_over_devices({**metrics, "loss": total}, options.axis_name)
   return _update_budget_multiplier(loss, new_state, metrics, nets.resnet.num_blocks)
 
 
 def greedy_policy(nets: Nets, params, stats, images, k=None):
   """The test-time policy: p >= 0.5 from the policy net (inference mode). With ``k`` (during
   the curriculum) the blocks outside the policy's control are forced on, as in training."""
-  logits, _ = _forward(nets, nets.policy, params["policy"], stats["policy"], _test_inputs(nets, images))
+  logits, _ = _forward(nets.policy, params["policy"], stats["policy"], _test_inputs(nets, images))
   policy = (logits >= 0).astype(jnp.float32)
   if k is not None:
     policy = curriculum.force_prefix(policy, curriculum.controlled_mask(k, nets.resnet.num_blocks))
@@ -390,5 +408,5 @@ def resnet_eval(nets: Nets, params, stats, images, policy=None, only_kept_rows: 
   if only_kept_rows and policy is not None:
     variables = {"params": params["resnet"], "batch_stats": stats["resnet"]}
     return compact.compact_apply(nets.resnet, variables, _test_inputs(nets, images), policy)
-  return _forward(nets, nets.resnet, params["resnet"], stats["resnet"], _test_inputs(nets, images),
+  return _forward(nets.resnet, params["resnet"], stats["resnet"], _test_inputs(nets, images),
                   policy)[0]

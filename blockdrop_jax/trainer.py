@@ -69,21 +69,25 @@ def compiled_step(run: Run, stage: str, tx, mesh):
   jitted over the data-parallel ``mesh``: pretraining, the curriculum, BlockDrop's joint
   finetuning, or the static reference's finetuning under ``run.static_keep``. Its random key,
   ``fold_in(stage_key, step)``, is drawn inside the compiled step."""
-  nets = dataclasses.replace(run.nets, mesh=mesh)
-  distill = distillation(run.config, stage)
+  nets, config = run.nets, run.config
+  options = steps.StepOptions(augment=config.data.augment,
+                              curriculum_passes=config.curriculum.passes, mesh=mesh)
+  distill = distillation(config, stage)
   if stage == "pretrain":
-    fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key)
+    fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key,
+                                                              options=options)
   elif stage == "curriculum":
-    loss = policy_loss(run.config, stage)
-    fn = lambda s, x, y, key, k, teacher: steps.curriculum_step(nets, loss, tx, s, x, y, key, k)
+    loss = policy_loss(config, stage)
+    fn = lambda s, x, y, key, k, teacher: steps.curriculum_step(nets, loss, tx, s, x, y, key, k,
+                                                                options)
   elif run.static_keep is not None:
     keep = jnp.asarray(run.static_keep)
     fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key, keep,
-                                                              teacher, distill)
+                                                              teacher, distill, options)
   else:
-    loss = policy_loss(run.config, stage)
+    loss = policy_loss(config, stage)
     fn = lambda s, x, y, key, k, teacher: steps.finetune_step(nets, loss, tx, s, x, y, key,
-                                                              teacher)
+                                                              teacher, options)
   keyed = lambda s, x, y, stage_key, step, k, teacher: fn(
       s, x, y, jax.random.fold_in(stage_key, step), k, teacher)
   compiled = parallel.sharded_step(keyed, mesh, replicated_args=4)

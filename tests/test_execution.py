@@ -188,10 +188,10 @@ def test_curriculum_step_same_loss_and_gradients_with_compact_passes(net):
   labels = jnp.arange(16) % 10
   results = []
   for passes in steps.CURRICULUM_PASSES:
-    nets = steps.Nets(spec, policy_spec, augment=False, curriculum_passes=passes)
+    nets, options = steps.Nets(spec, policy_spec), steps.StepOptions(curriculum_passes=passes)
     fn = jax.value_and_grad(lambda p: steps.curriculum_loss(
-        nets, steps.PolicyLoss(penalty=-5.0), p, stats, images[:16], labels, jax.random.key(1), 5),
-        has_aux=True)
+        nets, steps.PolicyLoss(penalty=-5.0), p, stats, images[:16], labels, jax.random.key(1), 5,
+        options=options), has_aux=True)
     results.append(jax.jit(fn)(params))
   (loss_a, (m_a, _)), g_a = results[0]
   (loss_b, (m_b, _)), g_b = results[1]

@@ -81,8 +81,11 @@ def one_process(tmp_path_factory, shared_data):
 
 def test_evaluate_gives_the_same_report_on_two_processes(tmp_path, one_process, test_records):
   reference, _ = one_process
+  images = tmp_path / "test_batch_first100.bin"  # CIFAR records of 3,073 bytes each
+  with open(test_records, "rb") as f:
+    images.write_bytes(f.read(100 * 3073))
   common = [os.path.join(REPO, "evaluate.py"), "--checkpoint", str(reference), "--data",
-            test_records]
+            str(images), "--batch_size", "32"]
   one = _run([*common, "--json", str(tmp_path / "one.json")], devices=4)
   assert one.returncode == 0, one.stderr
   two = _run(_launch(*common, "--json", str(tmp_path / "two.json"), "--report",

@@ -1,7 +1,6 @@
 """Data parallelism on 8 fake CPU devices (conftest sets XLA_FLAGS before JAX starts)."""
 
 import collections
-import dataclasses
 import os
 import re
 import shutil
@@ -36,12 +35,12 @@ def setup():
   return nets, params, stats, images, labels
 
 
-def _step(kind, nets, tx):
+def _step(kind, nets, tx, options=steps.StepOptions()):
+  loss = steps.PolicyLoss(penalty=-5.0)
   if kind == "curriculum":
-    return lambda s, x, y, key, k: steps.curriculum_step(nets, steps.PolicyLoss(penalty=-5.0), tx, s,
-                                                         x, y, key, k)
-  return lambda s, x, y, key, k: steps.finetune_step(nets, steps.PolicyLoss(penalty=-5.0), tx, s, x,
-                                                     y, key)
+    return lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k, options)
+  return lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key,
+                                                     options=options)
 
 
 def _close(a, b):
@@ -69,11 +68,11 @@ def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
   sharded_state = parallel.replicate(state, mesh)
   x, y = parallel.global_batch(mesh, len(images), images, labels)
   sharded, m_sharded = parallel.sharded_step(
-      _step(kind, dataclasses.replace(nets, mesh=mesh), tx), mesh, donate=False)(
+      _step(kind, nets, tx, steps.StepOptions(mesh=mesh)), mesh, donate=False)(
           sharded_state, x, y, key, k)
   assert len(x.sharding.device_set) == 8
 
-  pmapped_step = parallel.pmap_step(_step(kind, parallel.with_axis(nets), tx))
+  pmapped_step = parallel.pmap_step(_step(kind, nets, tx, parallel.with_axis(steps.StepOptions())))
   stacked = parallel.stack_for_pmap(state, 8)
   pm, m_pm = pmapped_step(stacked, parallel.split_for_pmap(images, 8),
                           parallel.split_for_pmap(labels, 8), key, k)
@@ -105,7 +104,7 @@ def test_sharded_compact_curriculum_passes_move_no_rows_between_devices(setup):
   x, y = parallel.global_batch(mesh, len(images), images, labels)
   compiled = {}
   for passes in steps.CURRICULUM_PASSES:
-    step = _step("curriculum", dataclasses.replace(nets, curriculum_passes=passes, mesh=mesh), tx)
+    step = _step("curriculum", nets, tx, steps.StepOptions(curriculum_passes=passes, mesh=mesh))
     compiled[passes] = _collectives(parallel.sharded_step(step, mesh, donate=False).lower(
         state, x, y, jax.random.key(0), jnp.int32(2)).compile().as_text())
   assert compiled["compact"] == compiled["masked"] and compiled["masked"]["all-reduce"] > 0

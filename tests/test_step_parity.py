@@ -4,6 +4,8 @@ weights, batch, crops and flips and the same uniform draws for the Bernoulli sam
 ResNet-20 with the original's CIFAR policy and on an ImageNet-layout ResNet-10 (7x7 stem, max
 pool, projection shortcuts, 224-pixel crops) with its ImageNet policy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +100,8 @@ def test_steps_equal_the_original_in_pytorch(train_records, layout, stage):
   tx = steps.make_optimizer(stage, cfg, 1)
   loss_fn = steps.PolicyLoss(alpha=ALPHA, beta=BETA, penalty=penalty)
   state = steps.create_state(params, stats, tx)
-  nets = steps.Nets(nets.resnet, nets.policy, curriculum_passes="masked")
-  step = jax.jit(steps.finetune_step if finetune else steps.curriculum_step,
+  step = jax.jit(functools.partial(steps.finetune_step if finetune else steps.curriculum_step,
+                                   options=steps.StepOptions(curriculum_passes="masked")),
                  static_argnums=(0, 1, 2))
   loss_of = steps.finetune_loss if finetune else steps.curriculum_loss
   for i, (images, labels) in enumerate(batches):

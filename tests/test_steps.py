@@ -13,7 +13,7 @@ from blockdrop_jax.models import resnet
 @pytest.fixture(scope="module")
 def setup():
   base = resnet.make_spec("cifar_resnet8", shortcut="avgpool")
-  nets = steps.Nets(base, resnet.policy_spec(base), augment=False)
+  nets = steps.Nets(base, resnet.policy_spec(base))
   b, p = resnet.init(base, jax.random.key(0)), resnet.init(nets.policy, jax.random.key(1))
   params = {"resnet": b["params"], "policy": p["params"]}
   stats = {"resnet": b["batch_stats"], "policy": p["batch_stats"]}
