@@ -240,8 +240,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       workdir, at.global_step + 1, config.profile_steps if chief else 0))
   preemption = closing.enter_context(multihost.Preemption())
   if chief:
-    tqdm.write(f"Training in {workdir} on {jax.device_count()} devices, "
-               f"{jax.process_count()} processes, from step {at.global_step}")
+    tqdm.write(f"Training in {workdir} on {jax.device_count()} device(s) of "
+               f"{jax.process_count()} process(es), from step {at.global_step}")
   loop = Loop(run, mesh, ckpts, log, progress and chief, key, preemption, trace, workdir)
   stages, budget_multiplier = tuple(config.stages), 0.0  # the multiplier carries across stages
   for at.stage_index in range(at.stage_index, len(stages)):
