@@ -14,6 +14,7 @@ import dataclasses
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -174,7 +175,9 @@ class Preemption:
     self._previous = None
 
   def __enter__(self) -> "Preemption":
-    if jax.process_count() == 1:
+    # Python lets only the main thread set handlers: elsewhere (a notebook's worker thread)
+    # SIGTERM keeps its default and ends the run.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
 
