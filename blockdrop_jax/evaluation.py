@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from blockdrop_jax import compact, compilation, execution, flops, parallel, steps
@@ -44,7 +45,6 @@ def batched(fn: Callable, arrays: tuple, batch_size: int, desc: str = "evaluatin
     if mesh is None:
       out = fn(*chunk)
     else:
-      from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(fn(*parallel.global_batch(mesh, batch_size, *chunk)),
                                               tiled=True)
     return jax.tree.map(lambda r: np.asarray(r)[:valid], out)

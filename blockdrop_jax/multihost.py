@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from blockdrop_jax.errors import BlockDropError
 
@@ -116,7 +117,6 @@ def is_chief() -> bool:
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op for one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -136,7 +136,6 @@ def all_agree(ok: bool) -> bool:
   """Whether ``ok`` holds on every process."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -145,7 +144,6 @@ def check_shared(workdir) -> None:
   see what process 0 writes into ``workdir`` (a shared filesystem or a bucket)."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
   token = multihost_utils.broadcast_one_to_all(
       np.frombuffer(uuid.uuid4().bytes, np.uint8)).tobytes().hex()
   marker = workdir / f".shared-{token}"
