@@ -38,40 +38,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Average-pool the policy's input by this factor (0: the original's, 1 on CIFAR and 2 on
   # ImageNet); 2 on CIFAR cuts the ResNet-8 policy's FLOPs by 4.
   c.policy_input_pool = 0
-  c.data = ml_collections.ConfigDict(dict(
-      train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
-      data_dir="", download=False, train_limit=0, test_limit=0, augment=True,
-      # Training images held out (drawn with the seed) to choose on: the best checkpoint,
-      # recipes, sweeps and the static references. 0: none, and the best checkpoint is chosen on
-      # the test set, as the original.
-      validation=0))
+  c.data = _data()
   c.pretrain = ml_collections.ConfigDict(dict(
       epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
-  c.curriculum = ml_collections.ConfigDict(dict(
-      epochs=5000, batch_size=2048, lr=1e-3, weight_decay=0.0, alpha=0.8, beta=0.1, penalty=-1.0,
-      epochs_per_block=1,
-      # Hand over one more block every N steps instead of every epochs_per_block epochs (0: per
-      # epoch, the original); a short run then reaches k = K early.
-      steps_per_block=0,
-      # "compact": the forced prefix once, then each block only on the images that keep it (on
-      # several devices each runs its own rows); "masked": two full masked passes, as the
-      # original; "auto": compact on CPU, masked on GPU, where it is faster (docs/results.md).
-      # Same losses and gradients.
-      passes="auto"))
-  c.finetune = ml_collections.ConfigDict(dict(
-      epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
-      penalty=-5.0,
-      # Beyond the original: distillation from the ResNet the stage starts from (every block,
-      # inference mode). The classification loss becomes (1 - w) cross-entropy + w T^2
-      # KL(teacher || student) at temperature T; 0: cross-entropy alone, the original.
-      distill_weight=0.0, distill_temperature=4.0,
-      # Beyond the original: True trains the ResNet under the greedy policy, the one it runs at
-      # test time (the policy still learns from sampled policies); False: under the sampled one.
-      resnet_learns_greedy=False,
-      # The static reference (``:static``): True finetunes the ResNet alone under one fixed
-      # subset of round(block_budget.fraction K) blocks, chosen on the validation images by
-      # greedy backward elimination from the starting ResNet; False: BlockDrop's finetuning.
-      static=False))
+  c.curriculum = _curriculum()
+  c.finetune = _finetune()
   # The original's quirks are the defaults; each switch restores the textbook form.
   c.quirks = ml_collections.ConfigDict(dict(
       full_entropy=False,  # True: full Bernoulli entropy instead of only -p' log p'
@@ -86,6 +57,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # on the reward (raised by lr times the excess fraction a step once every block is controlled,
   # lowered below the budget, never below 0); 0: no budget, the original.
   c.block_budget = ml_collections.ConfigDict(dict(fraction=0.0, lr=0.25))
+  _set_bookkeeping(c)
+  return apply_variant(c, variant)
+
+
+def _set_bookkeeping(c: ml_collections.ConfigDict) -> None:
+  """When to evaluate, save and log: keys that change no result, which a resumed run may change."""
   c.eval_every = 10  # epochs
   # Checkpoints: at the end of every N-th epoch, of each evaluated epoch (so that the best can be
   # kept) and of each stage's last epoch. Raise N where an epoch is short beside a save (an
@@ -101,7 +78,50 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Trace N steps, from the run's second, with jax.profiler into WORKDIR/tensorboard (TensorBoard's
   # profile tab; pip install tensorboard-plugin-profile). 0: none.
   c.profile_steps = 0
-  return apply_variant(c, variant)
+
+
+def _data() -> ml_collections.ConfigDict:
+  """Where the images come from, and the validation images held out of them."""
+  return ml_collections.ConfigDict(dict(
+      train="cifar10", test="cifar10", train_split="train", test_split="test", dataset="cifar10",
+      data_dir="", download=False, train_limit=0, test_limit=0, augment=True,
+      # Training images held out (drawn with the seed) to choose on: the best checkpoint,
+      # recipes, sweeps and the static references. 0: none, and the best checkpoint is chosen on
+      # the test set, as the original.
+      validation=0))
+
+
+def _curriculum() -> ml_collections.ConfigDict:
+  """Stage 1: the policy alone, the ResNet frozen (the original's cl_training.py)."""
+  return ml_collections.ConfigDict(dict(
+      epochs=5000, batch_size=2048, lr=1e-3, weight_decay=0.0, alpha=0.8, beta=0.1, penalty=-1.0,
+      epochs_per_block=1,
+      # Hand over one more block every N steps instead of every epochs_per_block epochs (0: per
+      # epoch, the original); a short run then reaches k = K early.
+      steps_per_block=0,
+      # "compact": the forced prefix once, then each block only on the images that keep it (on
+      # several devices each runs its own rows); "masked": two full masked passes, as the
+      # original; "auto": compact on CPU, masked on GPU, where it is faster (docs/results.md).
+      # Same losses and gradients.
+      passes="auto"))
+
+
+def _finetune() -> ml_collections.ConfigDict:
+  """Stage 2: the policy and the ResNet together (the original's finetune.py)."""
+  return ml_collections.ConfigDict(dict(
+      epochs=2000, batch_size=256, lr=1e-4, lr_decay_every=1600, weight_decay=0.0, alpha=0.8,
+      penalty=-5.0,
+      # Beyond the original: distillation from the ResNet the stage starts from (every block,
+      # inference mode). The classification loss becomes (1 - w) cross-entropy + w T^2
+      # KL(teacher || student) at temperature T; 0: cross-entropy alone, the original.
+      distill_weight=0.0, distill_temperature=4.0,
+      # Beyond the original: True trains the ResNet under the greedy policy, the one it runs at
+      # test time (the policy still learns from sampled policies); False: under the sampled one.
+      resnet_learns_greedy=False,
+      # The static reference (``:static``): True finetunes the ResNet alone under one fixed
+      # subset of round(block_budget.fraction K) blocks, chosen on the validation images by
+      # greedy backward elimination from the starting ResNet; False: BlockDrop's finetuning.
+      static=False))
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
