@@ -1,10 +1,10 @@
 """How this project's functions are compiled: ``jax.jit`` plus XLA options chosen per backend.
 
-On CPU, jaxlib 0.10's XLA hands convolutions to YNNPACK fusions by default. On a 2-core AMD EPYC
-those run the ResNets' forward convolutions up to about 2x slower, and the weight gradient of a
-3x3 convolution at 32x32 pixels (the policy network's first block) about 10x slower, than XLA's
-own kernels. So on CPU every function compiled through ``jit``
-here compiles with YNNPACK fusions off. A jaxlib without that option compiles with its defaults;
+On CPU, jaxlib 0.10's XLA may hand convolutions to YNNPACK fusions, which on the 2-core AMD EPYC
+first measured ran the ResNets' convolutions and the policy network's first weight gradient slower
+than XLA's own kernels. So on CPU every function compiled through ``jit`` here compiles with
+YNNPACK fusions off. Where jaxlib makes no such fusion (the CPU of ``docs/results.md`` today) the
+option changes nothing. A jaxlib without that option compiles with its defaults;
 ``BLOCKDROP_XLA_DEFAULTS=1`` keeps XLA's defaults everywhere (to compare, or if they are faster on
 another CPU).
 """
