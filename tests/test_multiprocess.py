@@ -115,7 +115,8 @@ def _preempt(command, env, marker="Training in"):
 
 
 def test_preempted_on_two_processes_resumes_on_one(tmp_path, one_process):
-  """Every process saves the same step on SIGTERM; the run goes on elsewhere to the same end."""
+  """Every process saves the same step on SIGTERM; the run goes on elsewhere, on one process with
+  half the devices, to the same end."""
   from blockdrop_jax import multihost
   workdir = tmp_path / "run"
   code, output = _preempt(_launch(*_train_command(workdir)), cli_env(2))
@@ -123,9 +124,9 @@ def test_preempted_on_two_processes_resumes_on_one(tmp_path, one_process):
   saved = [re.findall(r"preempted \(SIGTERM\): saved step (\d+)", "\n".join(_lines_of(output, p)))
            for p in (0, 1)]
   assert saved[0] and saved[0] == saved[1], output[-3000:]
-  proc = _run(_train_command(workdir))
+  proc = _run(_train_command(workdir), devices=2)
   assert proc.returncode == 0, proc.stderr
-  assert f"from step {saved[0][0]}" in proc.stdout
+  assert f"from step {saved[0][0]}" in proc.stdout and "on 2 device(s)" in proc.stdout
   _assert_same_run(workdir, one_process[0])
 
 

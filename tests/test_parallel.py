@@ -3,7 +3,6 @@
 import collections
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -123,28 +122,6 @@ def _train(workdir, devices, *overrides):
                          "--workdir", str(workdir), "--noprogress", *overrides],
                         cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=cli_env(devices))
-
-
-def test_checkpoint_from_8_devices_resumes_on_4(tmp_path, shared_data):
-  """Restored with the shardings of another mesh, the run goes on to the same weights."""
-  overrides = ("--config.stages=pretrain", "--config.pretrain.epochs=2",
-               "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=100")
-  first = _train(tmp_path / "run8", 8, *overrides)
-  assert first.returncode == 0, first.stderr
-  from blockdrop_jax import checkpoint
-  final8 = checkpoint.load_run(str(tmp_path / "run8"))
-  workdir = tmp_path / "resume4"
-  shutil.copytree(tmp_path / "run8", workdir)
-  # Keep only the checkpoints up to step 4 (the first batch of the second epoch of 3 steps): as
-  # if the 8-device run had stopped there.
-  for step in os.listdir(workdir / "checkpoints"):
-    if step.isdigit() and int(step) > 4:
-      shutil.rmtree(workdir / "checkpoints" / step)
-  proc = _train(workdir, 4, *overrides)
-  assert proc.returncode == 0 and "Accuracy" in proc.stdout, proc.stderr
-  final = checkpoint.load_run(str(workdir))
-  assert final[3]["global_step"] == final8[3]["global_step"] == 6
-  _close(final[1], final8[1])
 
 
 def test_batch_that_does_not_split_over_devices_in_train(tmp_path, shared_data):
