@@ -26,9 +26,9 @@ COMPACT_CHUNK = 16
 def compact_pays(platform: Optional[str] = None) -> bool:
   """Whether compact execution beats masked execution on ``platform`` (default: JAX's backend).
 
-  Measured: on the 2-core CPU, compact curriculum passes are 1.3-2x and compact evaluation about
-  2.5x masked; on an H200, 0.42-0.73x and 0.22-0.29x, because each chunk's small kernels cost more
-  launch time than the skipped work saves. TPUs are unmeasured; masked there too."""
+  Measured (docs/results.md): compact pays on the 2-core CPU; on an H200 each chunk's small
+  kernels cost more launch time than the skipped work saves (benchmarks/results/speed_h200.md).
+  TPUs are unmeasured; masked there too."""
   return (platform or jax.default_backend()) == "cpu"
 
 

@@ -12,9 +12,10 @@
   is one scalar, so ``lax.cond`` really branches (a per-example ``cond`` under ``vmap`` becomes a
   ``select`` that runs both sides). On a GPU ``Runner("looped", ...)`` launches fewer kernels.
 
-Which is fastest depends on the backend (docs/results.md): on CPU time follows FLOPs and compact
-and grouped win; on a GPU a CIFAR ResNet is bound by kernel launches, each chunk of compact costs
-launches, and masked execution is fastest at batch 256 (``compact.compact_pays``).
+Which is fastest depends on the backend (docs/results.md; an H200: benchmarks/results/
+speed_h200.md): on CPU time follows FLOPs and compact and grouped win; on a GPU a CIFAR ResNet is
+bound by kernel launches, each chunk of compact costs launches, and masked execution is fastest at
+batch 256 (``compact.compact_pays``).
 """
 
 from __future__ import annotations
