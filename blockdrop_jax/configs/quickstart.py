@@ -3,7 +3,7 @@
 Curriculum learning, then joint finetuning, from the pretrained akamaster ResNet-56 (27 blocks; by
 name: found in the offline data folder or the cache, else downloaded and sha256-checked) on
 4,000 CIFAR-10 training images: the offline lossless subset when ``../shared/data`` is there, else
-the first 4,000 of the official archive. Ten curriculum epochs and six finetuning epochs, batch
+the first 4,000 of the official archive. Ten curriculum epochs and twelve finetuning epochs, batch
 250. As the README runs it, ``--config quickstart:recipe``, with the short-run recipe
 (``blockdrop_jax/configs/default.py``); without it, the original's settings on the same short
 schedule; ``quickstart:recipe,static`` is its static-subset reference.
@@ -24,6 +24,6 @@ def get_config(variant: str = ""):
   c.data.test = os.path.join(subset, "test_batch_first1000.bin") if offline else "cifar10"
   c.data.train_limit = 4000
   c.curriculum.update(epochs=10, batch_size=250)
-  c.finetune.update(epochs=6, batch_size=250)
+  c.finetune.update(epochs=12, batch_size=250)
   c.eval_every = 5
   return default.apply_variant(c, variant)
