@@ -197,13 +197,13 @@ def _reference_curves(nets, params, stats, dataset: Dataset, refs: dict, batch_s
 
 def write_report(runs: Sequence[str], dataset: Dataset, out_dir: str, batch_size: int = 250,
                  class_names: Sequence[str] = CIFAR10_CLASSES,
-                 progress: bool = False) -> tuple[str, dict]:
-  """Figures and ``report.md`` for ``runs`` (the first is analysed in detail); returns its path
-  and the first run's references (``run_inputs.run_references``). Every process computes them
-  (over all devices); process 0 alone writes."""
+                 progress: bool = False, best: bool = False) -> tuple[str, dict]:
+  """Figures and ``report.md`` for ``runs`` (the first analysed in detail; ``best``: each run's
+  best checkpoint); returns its path and the first run's references (``run_references``). Every
+  process computes them (over all devices); process 0 alone writes."""
   reports, main = {}, None
   for run in runs:
-    nets, params, stats, meta = checkpoint.load_run(run)
+    nets, params, stats, meta = checkpoint.load_run(run, best=best)
     report = evaluation.blockdrop_report(nets, params, stats, dataset, batch_size, progress=progress,
                                          static_keep=checkpoint.static_keep(meta))
     reports[storage.path(run).name] = report

@@ -101,20 +101,20 @@ def main(argv) -> int:
     say(evaluation.format_report(result))
     say(f"Speed: {result['images_per_s']:.1f} images/s ({result['mode']} execution, compilation "
           "included; benchmarks/speed.py measures steady state)")
-    if BASELINES.value:
-      from blockdrop_jax import references, run_inputs
-      result["baselines"] = run_inputs.run_references(nets, params, stats, meta, dataset,
-                                                   result["blocks_mean"], BATCH_SIZE.value)
-      say(references.format_references(result["baselines"]))
-    spec = nets.resnet
+    spec, refs = nets.resnet, None
     if REPORT.value:
       if blockdrop_file:
         raise BlockDropError("--report reads training workdirs; for the original's checkpoint "
                              "use --json, or continue it with train.py --config.init_from=FILE")
       from blockdrop_jax import report
-      path, _ = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
-                                 BATCH_SIZE.value)
+      path, refs = report.write_report([CHECKPOINT.value, *COMPARE.value], dataset, REPORT.value,
+                                       BATCH_SIZE.value, best=BEST.value)
       say(f"Report: {path}")
+    if BASELINES.value:  # the report's, where it computed them
+      from blockdrop_jax import references, run_inputs
+      result["baselines"] = refs or run_inputs.run_references(
+          nets, params, stats, meta, dataset, result["blocks_mean"], BATCH_SIZE.value)
+      say(references.format_references(result["baselines"]))
   else:
     spec, variables = multihost.process_0_first("weights ready", lambda: convert.load_pretrained(
         CHECKPOINT.value, ARCH.value, SHORTCUT.value, **normalisation))
