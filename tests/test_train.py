@@ -165,26 +165,6 @@ def test_sparse_checkpoints_resume_to_the_same_run(tmp_path):
   assert records_again == records and meta_again["metrics"] == meta["metrics"]
 
 
-def test_report_figures_from_a_tiny_run(uninterrupted, tmp_path, test_records):
-  import matplotlib.image
-  workdir, _ = uninterrupted
-  out = tmp_path / "report"
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
-                         str(workdir), "--data", test_records, "--report", str(out), "--compare",
-                         str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=ENV)
-  assert proc.returncode == 0, proc.stderr
-  report = (out / "report.md").read_text()
-  pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
-  assert pngs == sorted(["tradeoff.png", "blocks_histogram.png", "keep_rate.png", "policy_gallery.png",
-                         "confidence.png", "training_curves.png", "policy_training.png"])
-  for name in pngs:
-    image = matplotlib.image.imread(out / name)
-    assert image.shape[0] > 200 and image.shape[1] > 300, name
-    assert image[..., :3].std() > 0.02, f"{name} is blank"
-    assert f"]({name})" in report
-
-
 def _evaluate(run, tmp_path, test_records, *flags):
   out = tmp_path / f"{os.path.basename(run)}.json"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--checkpoint",
@@ -194,10 +174,25 @@ def _evaluate(run, tmp_path, test_records, *flags):
   return json.loads(out.read_text()), proc.stdout
 
 
+def _assert_report_figures(out):
+  import matplotlib.image
+  report = (out / "report.md").read_text()
+  pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+  assert pngs == sorted(["tradeoff.png", "blocks_histogram.png", "keep_rate.png", "policy_gallery.png",
+                         "confidence.png", "training_curves.png", "policy_training.png"])
+  for name in pngs:
+    image = matplotlib.image.imread(out / name)
+    assert image.shape[0] > 200 and image.shape[1] > 300, name
+    assert image[..., :3].std() > 0.02, f"{name} is blank"
+    assert f"]({name})" in report
+  return report
+
+
 def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, test_records):
   """A finetuning run from another run's weights, with validation images held out: it logs
   validation and test metrics, keeps the best by validation accuracy, and its references are set
-  against the ResNet it started from (`pretrained`: that run's full network, image for image)."""
+  against the ResNet it started from (`pretrained`: that run's full network, image for image).
+  The report of the run it started from, compared with it, draws every figure."""
   started_from, _ = uninterrupted
   workdir = tmp_path / "finetuned"
   proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}",
@@ -211,7 +206,11 @@ def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, tes
   assert best["epoch"] == next(r["epoch"] for r in records
                                if r["val_accuracy"] == best["val_accuracy"])
 
-  before, _ = _evaluate(started_from, tmp_path, test_records, "--baselines")
+  before, _ = _evaluate(started_from, tmp_path, test_records, "--baselines", "--report",
+                        str(tmp_path / "report"), "--compare", str(workdir))
+  report = _assert_report_figures(tmp_path / "report")
+  assert f"| {started_from.name} | {100 * before['accuracy']:.1f}% |" in report
+  assert f"| static{round(before['blocks_mean'])} |" in report
   after, printed = _evaluate(workdir, tmp_path, test_records, "--baselines")
   assert "pretrained" not in before["baselines"]  # it pretrained its own ResNet
   k = round(after["blocks_mean"])
