@@ -101,8 +101,8 @@ def test_tfds_imagenet2012_opens_from_its_cached_index(imagenet_tfds):
 
 def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tmp_path, capsys):
   """The R101_ImgNet config's pipeline (random 224 crops of 256 images, policy at 112 px) on
-  ``tfds:imagenet2012``, with a random ResNet-10 base so it runs in seconds: both BlockDrop
-  stages, the report, and evaluate.py on the run."""
+  ``tfds:imagenet2012``, with a random ResNet-10 base so it runs in seconds: joint finetuning (the
+  curriculum's step at 224 px is tests/test_step_parity.py's), and evaluate.py on the run."""
   import jax
   from blockdrop_jax import safetensors_file
   from blockdrop_jax.models import resnet
@@ -115,7 +115,7 @@ def test_r101_config_trains_and_evaluates_on_tfds_imagenet2012(imagenet_tfds, tm
       "--config.data.test_split=validation", f"--config.data.data_dir={imagenet_tfds}",
       f"--config.base.checkpoint={base}", "--config.base.arch=", "--config.base.num_classes=1000",
       "--config.policy_init=",  # test_imagenet_policy_starts_from_resnet18_layers has that
-      "--config.curriculum.batch_size=8", "--config.finetune.batch_size=8",
+      "--config.stages=finetune", "--config.finetune.batch_size=8",
       "--config.data.test_limit=0"])
   run = str(tmp_path / "run")
   metrics = trainer.train(config, run, progress=False)
