@@ -154,7 +154,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--data", default=None, help="test images (default: the config's)")
   parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
   parser.add_argument("--figure", default=None, help="the trade-off figure (PNG)")
+  parser.add_argument("--reuse", default=None, metavar="LOG",
+                      help="per-run lines an earlier sweep printed (NAME JSON): the runs named "
+                      "there are taken from it, not trained or evaluated again")
   args = parser.parse_args(argv)
+  reused = {}
+  if args.reuse:
+    with open(args.reuse) as f:
+      reused = dict(line.split(" ", 1) for line in f.read().splitlines() if line.strip())
   from blockdrop_jax import configs
 
   variants = args.variants.split(",")
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [*variant_overrides, *budget_overrides,
                      *(f"--config.{kv}" for kv in args.set), f"--config.seed={seed}"]
         name = f"{variant}_b{label}_s{seed}"
-        runs.append(run_one(config, overrides, os.path.join(args.workdir, name), data))
+        runs.append(json.loads(reused[name]) if name in reused else
+                    run_one(config, overrides, os.path.join(args.workdir, name), data))
         print(name, json.dumps(runs[-1]), flush=True)
       rows[(variant, label)] = runs
   command = " ".join(sys.argv[1:] if argv is None else argv)
