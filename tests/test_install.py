@@ -40,9 +40,8 @@ def test_installed_commands_train_resume_and_evaluate_from_any_folder(tmp_path, 
   train = ["--config", "scratch_r20_subset:smoke", "--workdir", "run", "--noprogress",
            "--config.curriculum.epochs=1"]
   command("blockdrop-train", *train)
-  resumed = command("blockdrop-train", *train[:-1], "--config.curriculum.epochs=2", "--report")
-  assert "Finished finetune epoch 1" in resumed and "static" in resumed
-  assert (elsewhere / "run" / "report" / "report.md").exists()
+  resumed = command("blockdrop-train", *train[:-1], "--config.curriculum.epochs=2")
+  assert "Finished finetune epoch 1" in resumed
   evaluated = command("blockdrop-evaluate", "--checkpoint", "run", "--data", test_records,
                       "--baselines", "--report", "evaluation")
   assert "mode: Accuracy: " in evaluated and (elsewhere / "evaluation" / "report.md").exists()
