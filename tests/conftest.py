@@ -30,20 +30,6 @@ if CACHE_ENV not in os.environ:
   os.environ[CACHE_OWNER_ENV] = str(os.getpid())
 
 
-# xdist hands the files out one at a time to whichever worker is free, in collection order: the
-# slowest first (as measured on 2 cores), so that the workers end together.
-SLOWEST_FILES = ("test_train.py", "test_multiprocess.py", "test_step_parity.py",
-                 "test_original_files.py", "test_remote_workdir.py", "test_benchmarks.py",
-                 "test_install.py", "test_parallel.py", "test_execution.py", "test_imagenet.py",
-                 "test_steps.py", "test_evaluate_cli.py", "test_references.py",
-                 "test_train_errors.py", "test_tfds.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))
-
-
 def pytest_unconfigure(config):
   if os.environ.get(CACHE_OWNER_ENV) == str(os.getpid()):
     shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
