@@ -3,7 +3,7 @@
 On CPU, jaxlib 0.10's XLA may hand convolutions to YNNPACK fusions, which on the 2-core AMD EPYC
 first measured ran the ResNets' convolutions and the policy network's first weight gradient slower
 than XLA's own kernels. So on CPU every function compiled through ``jit`` here compiles with
-YNNPACK fusions off. Where jaxlib makes no such fusion (the CPU of ``docs/results.md`` today) the
+YNNPACK fusions off. Where jaxlib makes no such fusion (the CPU of ``docs/results.md``) the
 option changes nothing. A jaxlib without that option compiles with its defaults;
 ``BLOCKDROP_XLA_DEFAULTS=1`` keeps XLA's defaults everywhere (to compare, or if they are faster on
 another CPU).
