@@ -112,7 +112,7 @@ def main(argv) -> int:
       say(f"Report: {path}")
     if BASELINES.value:  # the report's, where it computed them
       from blockdrop_jax import references, run_inputs
-      result["baselines"] = refs or run_inputs.run_references(
+      result["baselines"] = refs if refs is not None else run_inputs.run_references(
           nets, params, stats, meta, dataset, result["blocks_mean"], BATCH_SIZE.value)
       say(references.format_references(result["baselines"]))
   else:
