@@ -114,36 +114,29 @@ def _preempt(command, env, marker="Training in"):
   return proc.returncode, "".join(output) + rest
 
 
-def test_preempted_on_two_processes_resumes_on_one(tmp_path, one_process):
-  """Every process saves the same step on SIGTERM; the run goes on elsewhere, on one process with
-  half the devices, to the same end."""
+def test_a_preempted_run_moves_between_two_processes_and_one(tmp_path, one_process):
+  """SIGTERM on two processes of two devices: every process saves the same step. The run goes on
+  as one process with two devices, is stopped there too after a step, and ends on two processes
+  again: the values of one process with four devices, only process 0 printing."""
   from blockdrop_jax import multihost
+  reference, reference_out = one_process
   workdir = tmp_path / "run"
-  code, output = _preempt(_launch(*_train_command(workdir)), cli_env(2))
+  command = _train_command(workdir)
+  code, output = _preempt(_launch(*command), cli_env(2))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
   saved = [re.findall(r"preempted \(SIGTERM\): saved step (\d+)", "\n".join(_lines_of(output, p)))
            for p in (0, 1)]
   assert saved[0] and saved[0] == saved[1], output[-3000:]
-  proc = _run(_train_command(workdir), devices=2)
-  assert proc.returncode == 0, proc.stderr
-  assert f"from step {saved[0][0]}" in proc.stdout and "on 2 device(s)" in proc.stdout
-  _assert_same_run(workdir, one_process[0])
-
-
-def test_preempted_single_process_resumes_on_two_as_one_process_trains(tmp_path, one_process):
-  """Stopped after its first step, a one-process run goes on under two processes of two devices
-  each (the rest of the training) to the values of one process with four, only process 0
-  printing."""
-  from blockdrop_jax import multihost
-  reference, reference_out = one_process
-  workdir = tmp_path / "run"
-  code, output = _preempt([sys.executable, *_train_command(workdir)], cli_env(4))
+  code, output = _preempt([sys.executable, *command], cli_env(2))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
-  assert "run the same command again to resume" in output
-  proc = _run(_launch(*_train_command(workdir)), devices=2)
+  assert f"on 2 device(s) of 1 process(es), from step {saved[0][0]}" in output
+  [saved_again] = re.findall(r"preempted \(SIGTERM\): saved step (\d+)", output)
+  assert int(saved_again) > int(saved[0][0]) and "run the same command again to resume" in output
+  proc = _run(_launch(*command), devices=2)
   assert proc.returncode == 0, proc.stdout[-3000:]
   _assert_same_run(workdir, reference)
   chief, other = _lines_of(proc.stdout, 0), _lines_of(proc.stdout, 1)
+  assert [line for line in chief if line.endswith(f"from step {saved_again}")], chief
   summary = reference_out[reference_out.index("Finished"):].splitlines()
   assert chief[-len(summary):-1] == summary[:-1]  # all but the line naming the workdir
   assert not [line for line in other if "epoch" in line or "Accuracy" in line]

@@ -122,6 +122,38 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_p
   assert meta["metrics"] == meta_ref["metrics"]
 
 
+def test_a_run_in_a_bucket_equals_the_local_run(uninterrupted, test_records, tmp_path,
+                                                monkeypatch):
+  """train.py and evaluate.py with ``--workdir gs://bucket/run`` against an offline Cloud Storage
+  server: checkpoints, metrics, TensorBoard and the report land in the bucket, the run is the
+  local run value for value, evaluate.py reads it back, and nothing local is named after it."""
+  import gcs_emulator
+  from etils import epath
+  from test_evaluate_cli import evaluate_in_process
+
+  local, bucket = str(uninterrupted[0]), "gs://bucket/run"
+  with gcs_emulator.serving("bucket") as bucket_env:
+    for name, value in bucket_env.items():
+      monkeypatch.setenv(name, value)
+    proc = subprocess.run(train_cmd(bucket, *PER_STEP, "--report"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=dict(ENV, **bucket_env))
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path) == []
+    ours, theirs = _final(bucket), _final(local)
+    jax.tree.map(np.testing.assert_array_equal, ours[:2], theirs[:2])
+    assert ours[2]["metrics"] == theirs[2]["metrics"] and ours[3] == theirs[3]
+    assert list(epath.Path(f"{bucket}/tensorboard").glob("events.out.tfevents.*"))
+    assert "Accuracy" in epath.Path(f"{bucket}/report/report.md").read_text()
+    evaluated = {}
+    for workdir in (local, bucket):
+      out = tmp_path / f"{len(evaluated)}.json"
+      assert evaluate_in_process("--checkpoint", workdir, "--data", test_records,
+                                 "--json", str(out)) == 0
+      evaluated[workdir] = json.loads(out.read_text())
+  assert evaluated[bucket]["predictions"] == evaluated[local]["predictions"]
+  assert evaluated[bucket]["policies"] == evaluated[local]["policies"]
+
+
 def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
   workdir, _ = uninterrupted
   before = _final(workdir)[3]
