@@ -7,9 +7,10 @@ import shutil
 import tempfile
 
 # The tests compile many small programs and run each a few times, so XLA's backend optimisations
-# cost more compile time than they save (about a third of the suite's time); what the tests check
-# holds at any level. Set for the test processes and the train.py/evaluate.py processes they start.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# and LLVM's costlier passes take more compile time than they save (about a third of the suite's
+# time); what the tests check holds at any level. Set for the test processes and the
+# train.py/evaluate.py processes they start.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Eight fake CPU devices for the data-parallel tests; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 
@@ -67,6 +68,14 @@ def test_records(shared_data):
 @pytest.fixture(scope="session")
 def train_records(shared_data):
   return os.path.join(shared_data, "cifar10", "subset", "data_batch_1_first4000.bin")
+
+
+def first_records(records, n, folder) -> str:
+  """A CIFAR record file (3,073 bytes a record) of the first ``n`` images of ``records``."""
+  path = os.path.join(folder, f"first{n}.bin")
+  with open(records, "rb") as f, open(path, "wb") as out:
+    out.write(f.read(n * 3073))
+  return path
 
 
 def akamaster_file(shared_data, depth):

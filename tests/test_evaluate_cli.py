@@ -27,7 +27,9 @@ def evaluate_in_process(*args) -> int:
   return evaluate.main(["evaluate.py"])
 
 
-@pytest.mark.parametrize("depth", sorted(EXPECTED_CORRECT))
+# The smallest and the largest (ResNet-32 through TFDS is tests/test_tfds.py's): every depth loads
+# through the same code; docs/results.md, section 1, has all four.
+@pytest.mark.parametrize("depth", [20, 56])
 def test_akamaster_accuracy_and_predictions_match_pytorch(tmp_path, shared_data, test_records, depth,
                                                          capsys):
   torch = pytest.importorskip("torch")

@@ -16,7 +16,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, first_records
 
 SMOKE = "scratch_r20_subset:smoke"
 TOL = dict(rtol=2e-4, atol=2e-5)  # float32 sums in another order across processes
@@ -81,9 +81,7 @@ def one_process(tmp_path_factory, shared_data):
 
 def test_evaluate_gives_the_same_report_on_two_processes(tmp_path, one_process, test_records):
   reference, _ = one_process
-  images = tmp_path / "test_batch_first100.bin"  # CIFAR records of 3,073 bytes each
-  with open(test_records, "rb") as f:
-    images.write_bytes(f.read(100 * 3073))
+  images = first_records(test_records, 100, tmp_path)
   common = [os.path.join(REPO, "evaluate.py"), "--checkpoint", str(reference), "--data",
             str(images), "--batch_size", "32"]
   one = _run([*common, "--json", str(tmp_path / "one.json")], devices=4)

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from blockdrop_jax import BlockDropError, convert, data, original_checkpoint
+from conftest import first_records
 from test_evaluate_cli import _one_line_error, evaluate_in_process, run_evaluate
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
 
 K = 15  # ResNet-32: the same layout as the R110 files, at a third of the cost
+IMAGES = 250  # the first test images: every comparison is image for image
 
 
 def _calibrate(model, images):
@@ -42,8 +44,13 @@ def _felixgwu_keys(state_dict):
 
 
 @pytest.fixture(scope="module")
-def original_files(tmp_path_factory, shared_data, test_records):
-  """The files, and what PyTorch computes from them on the 1,000 test images: per-image
+def first_test_images(tmp_path_factory, test_records):
+  return first_records(test_records, IMAGES, tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def original_files(tmp_path_factory, shared_data, first_test_images):
+  """The files, and what PyTorch computes from them on the test images: per-image
   predictions of the base, and greedy policies and predictions of BlockDrop, as test.py does."""
   folder = tmp_path_factory.mktemp("original")
   train_images, _ = data.read_cifar_records(
@@ -68,7 +75,7 @@ def original_files(tmp_path_factory, shared_data, test_records):
   torch.save({"agent": agent.state_dict(), "epoch": 5300, "reward": 0.222, "acc": 0.754},
              curriculum)
 
-  images, labels = data.read_cifar_records(test_records)
+  images, labels = data.read_cifar_records(first_test_images)
   x = ref.to_nchw(images)  # the original's CIFAR nets take raw [0, 1] pixels
   with torch.no_grad():
     full = rnet(x).argmax(1).numpy()
@@ -112,26 +119,26 @@ def _test_py_report(rnet, agent, policies, matches) -> str:
                     f"Unique Policies: {unique}"])
 
 
-def test_felixgwu_base_evaluates_as_pytorch(original_files, test_records, tmp_path):
+def test_felixgwu_base_evaluates_as_pytorch(original_files, first_test_images, tmp_path):
   out = tmp_path / "base.json"
-  assert evaluate_in_process("--checkpoint", original_files["base"], "--data", test_records,
+  assert evaluate_in_process("--checkpoint", original_files["base"], "--data", first_test_images,
                              "--json", str(out), "--cross_check") == 0
   result = json.loads(out.read_text())
   assert (result["arch"], result["shortcut"]) == ("cifar_resnet32", "avgpool")
   np.testing.assert_array_equal(result["predictions"], original_files["full"])
   # The library's own PyTorch definition, run on the file's tensors, agrees image for image.
-  assert result["cross_check"]["predictions_agree"] == 1000
+  assert result["cross_check"]["predictions_agree"] == IMAGES
   assert result["cross_check"]["max_logit_difference"] < 1e-3
 
 
 @pytest.mark.parametrize("which", ["finetuned", "curriculum"])
-def test_blockdrop_checkpoint_evaluates_as_test_py(original_files, test_records, tmp_path,
+def test_blockdrop_checkpoint_evaluates_as_test_py(original_files, first_test_images, tmp_path,
                                                    capsys, which):
   out = tmp_path / f"{which}.json"
   base = ("--base", original_files["base"]) if which == "curriculum" else ()
   cross_check = ("--cross_check",) if which == "finetuned" else ()
   assert evaluate_in_process("--checkpoint", original_files[which], *base, "--data",
-                             test_records, "--mode", "masked", "--json", str(out),
+                             first_test_images, "--mode", "masked", "--json", str(out),
                              *cross_check) == 0
   result = json.loads(out.read_text())
   np.testing.assert_array_equal(result["policies"], original_files["policies"])
@@ -139,13 +146,13 @@ def test_blockdrop_checkpoint_evaluates_as_test_py(original_files, test_records,
   printed = capsys.readouterr().out
   assert original_files["report"] in printed
   if cross_check:
-    assert ("Cross-check with PyTorch: predictions 1000/1000, greedy policies 1000/1000 agree"
-            in printed)
+    assert (f"Cross-check with PyTorch: predictions {IMAGES}/{IMAGES}, greedy policies "
+            f"{IMAGES}/{IMAGES} agree" in printed)
 
 
-def test_curriculum_checkpoint_without_its_base_is_one_line(original_files, test_records):
+def test_curriculum_checkpoint_without_its_base_is_one_line(original_files, first_test_images):
   _one_line_error(run_evaluate("--checkpoint", original_files["curriculum"], "--data",
-                               test_records), "holds a policy network alone")
+                               first_test_images), "holds a policy network alone")
 
 
 def test_normalisation_follows_the_file_and_can_be_overridden(original_files):

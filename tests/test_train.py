@@ -228,7 +228,7 @@ def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, tes
   started_from, _ = uninterrupted
   workdir = tmp_path / "finetuned"
   proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}",
-                   "--config.data.validation=16", "--config.finetune.epochs=3")
+                   "--config.data.validation=16", "--config.finetune.epochs=2")
   assert proc.returncode == 0, proc.stderr
   records = _records(workdir)
   assert all("val_accuracy" in r and "test_accuracy" in r for r in records)
