@@ -36,19 +36,16 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
 
 
-def cli_env(devices: int, cache: bool = True) -> dict:
+def cli_env(devices: int, cache: str = "") -> dict:
   """The environment of a train.py or evaluate.py process that a test starts: ``devices`` fake
-  CPU devices and, with ``cache``, the test run's compilation cache for every program it compiles
-  (a finite cache size turns on JAX's file lock: no process reads an entry half written)."""
-  env = dict(os.environ,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}")
-  if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
-  else:  # nor one the user set for their own runs
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  return env
+  CPU devices and a compilation cache for every program it compiles, the test run's unless
+  ``cache`` names another (a finite cache size turns on JAX's file lock: no process reads an entry
+  half written)."""
+  return dict(os.environ,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
+              JAX_COMPILATION_CACHE_DIR=cache or os.environ[CACHE_ENV],
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
 
 
 @pytest.fixture(scope="session")

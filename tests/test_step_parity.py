@@ -32,7 +32,7 @@ def _networks(layout):
   else:  # a ResNet-10 with the ImageNet stem
     base = ref.FlatResNet(ref.BasicBlock, [1, 1, 1, 1], (64, 128, 256, 512), (1, 2, 2, 2), 10,
                           imagenet=True)
-    policy, batch, num_steps = ref.Policy224(4), 8, 3
+    policy, batch, num_steps = ref.Policy224(4), 4, 2
   return ref.randomise_batch_norm(base), ref.randomise_batch_norm(policy, seed=1), batch, num_steps
 
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import CACHE_ENV, REPO, cli_env
 
 SMOKE = "scratch_r20_subset" + ":smoke"
 
@@ -96,10 +96,12 @@ def test_all_stages_run_and_print_the_report(uninterrupted):
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
-  # Without the shared compilation cache: a kill amid a write would leave a truncated entry.
+  # With a copy of the shared compilation cache (which holds the uninterrupted run's programs): a
+  # kill amid a write may leave a truncated entry there, not in the cache other tests read.
+  cache = shutil.copytree(os.environ[CACHE_ENV], tmp_path / "cache")
   proc = subprocess.Popen(train_cmd(workdir, *PER_STEP), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=cli_env(devices=1, cache=False))
+                          env=cli_env(devices=1, cache=str(cache)))
   # Kill once a mid-epoch checkpoint of the curriculum exists: 3 steps an epoch, pretraining takes
   # steps 1-3, so step 5 is the second batch of the curriculum's first epoch.
   target = workdir / "checkpoints" / "5"
