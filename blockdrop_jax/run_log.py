@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,21 @@ def final_summary(metrics: dict, workdir: str) -> str:
   return "\n".join(lines)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without the PyTorch that tensorboardX imports where it
+  is installed (to accept torch tensors; the writer gets Python numbers here): a second of every
+  run's start-up. PyTorch imported before stays as it is."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsLog:
   """Per-epoch metrics as JSON lines and TensorBoard events; resumed runs drop lines past the
   restored step, so each epoch is logged once."""
@@ -65,8 +81,7 @@ class MetricsLog:
       self.lines = [line + "\n" for line in self.path.read_text().splitlines()
                     if json.loads(line)["step"] <= resume_step]
       self.path.write_text("".join(self.lines))
-    from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(os.fspath(run / "tensorboard"))
+    self.writer = _summary_writer_class()(os.fspath(run / "tensorboard"))
 
   def write(self, record: dict) -> None:
     self.lines.append(json.dumps(record) + "\n")
