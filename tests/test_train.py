@@ -1,4 +1,5 @@
-"""train.py end to end on tiny configs: stages chain, resume after SIGKILL, bad input."""
+"""train.py end to end on tiny configs: stages chain, resume after SIGKILL, a workdir in a bucket,
+bad input."""
 
 import glob
 import gzip
