@@ -24,6 +24,7 @@ TOL = dict(rtol=2e-4, atol=2e-5)  # float32 sums in another order across process
 # about lr whatever the gradient's size): summation-order differences grow to about 2e-4.
 WEIGHTS_TOL = dict(rtol=2e-4, atol=1e-3)
 TIMING = ("train_seconds", "train_images_per_s")
+SAVED_ON_PREEMPTION = re.compile(r"preempted \(SIGTERM\): saved step (\d+)")
 
 
 def _launch(*command, processes=2, devices=2):
@@ -98,14 +99,14 @@ def test_evaluate_gives_the_same_report_on_two_processes(tmp_path, one_process, 
   assert not [line for line in _lines_of(two.stdout, 1) if line.startswith(("Report", "Accuracy"))]
 
 
-def _preempt(command, env, marker="Training in"):
+def _preempt(command, env):
   """Runs ``command``, sends it SIGTERM once its training loop has started; (returncode, output)."""
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   output = []
   for line in proc.stdout:
     output.append(line)
-    if marker in line:
+    if "Training in" in line:
       proc.send_signal(signal.SIGTERM)
       break
   rest, _ = proc.communicate(timeout=600)
@@ -122,13 +123,12 @@ def test_a_preempted_run_moves_between_two_processes_and_one(tmp_path, one_proce
   command = _train_command(workdir)
   code, output = _preempt(_launch(*command), cli_env(2))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
-  saved = [re.findall(r"preempted \(SIGTERM\): saved step (\d+)", "\n".join(_lines_of(output, p)))
-           for p in (0, 1)]
+  saved = [SAVED_ON_PREEMPTION.findall("\n".join(_lines_of(output, p))) for p in (0, 1)]
   assert saved[0] and saved[0] == saved[1], output[-3000:]
   code, output = _preempt([sys.executable, *command], cli_env(2))
   assert code == multihost.PREEMPTED_EXIT_CODE, output[-3000:]
   assert f"on 2 device(s) of 1 process(es), from step {saved[0][0]}" in output
-  [saved_again] = re.findall(r"preempted \(SIGTERM\): saved step (\d+)", output)
+  [saved_again] = SAVED_ON_PREEMPTION.findall(output)
   assert int(saved_again) > int(saved[0][0]) and "run the same command again to resume" in output
   proc = _run(_launch(*command), devices=2)
   assert proc.returncode == 0, proc.stdout[-3000:]
