@@ -2,22 +2,26 @@
 
   python benchmarks/train_speed.py [--nets cifar_resnet32 cifar_resnet56 cifar_resnet110]
       [--batches 128 250] [--keep 0.5] [--repeats 5]
+      [--stages pretrain curriculum finetune compact_finetune]
 
 Per net and batch size, one update of each stage: pretraining (the full ResNet, BatchNorm in
 training mode, SGD), the curriculum at k = K (the trainer's passes on this backend; Adam) and
-joint finetuning (Adam), as the trainer compiles them (one device, crops and flips inside the
-step), beside ``torch_nets.original_update`` (the original's ``cl_training.py`` / ``finetune.py``
-step, its masked forward with the all-zero early exit; PyTorch's default CPU threads) on the same
-weights and subset images. The policy network is a fresh one whose keep probability is set by
-its output bias (``--keep``: 0.5 is the initialisation; lower values stand for a trained policy
-that drops blocks). The two implementations take turns within each repeat; images/s from the
-median of ``--repeats`` timings after a warm-up (compilation excluded), and the median and
-quartiles of the per-repeat ratio JAX/PyTorch.
+joint finetuning (Adam) with masked passes, and with compact ones (``finetune.passes=compact``,
+against the original's finetuning step), as the trainer compiles them (one device, crops and
+flips inside the step), beside ``torch_nets.original_update`` (the original's
+``cl_training.py`` / ``finetune.py`` step, its masked forward with the all-zero early exit;
+PyTorch's default CPU threads) on the same weights and subset images. The policy network is a
+fresh one whose keep probability is set by its output bias (``--keep``: 0.5 is the
+initialisation; lower values stand for a trained policy that drops blocks); the finetuning rows
+give the share of the blocks its sampled and greedy policies keep. The two implementations take
+turns within each repeat; images/s from the median of ``--repeats`` timings after a warm-up
+(compilation excluded), and the median and quartiles of the per-repeat ratio JAX/PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -33,17 +37,20 @@ from benchmarks.speed import fresh_policy, load_net, paired_ratio, timed_alterna
 from blockdrop_jax import compilation, data, registry, steps, torch_layout  # noqa: E402
 from blockdrop_jax.configs import default  # noqa: E402
 
-STAGES = ("pretrain", "curriculum", "finetune")
+STAGES = ("pretrain", "curriculum", "finetune", "compact_finetune")
+ORIGINAL_STAGE = {"compact_finetune": "finetune"}  # the original's step a stage is timed against
 
 
-def jax_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
-  """stage -> a no-argument function running one jitted update of that stage."""
+def jax_updates(spec, variables, policy_spec, policy, images, labels, stages) -> dict:
+  """stage -> a no-argument function running one jitted update of that stage, returning its
+  metrics."""
   config = default.get_config()
   nets = steps.Nets(spec, policy_spec)
   options = steps.StepOptions(curriculum_passes=config.curriculum.passes)
   loss, key, k = steps.PolicyLoss(), jax.random.key(0), jnp.int32(spec.num_blocks)
   optimizers = {"pretrain": optax.sgd(0.1, momentum=0.9), "curriculum": optax.adam(1e-3),
                 "finetune": optax.adam(1e-4)}
+  compact = dataclasses.replace(options, finetune_passes="compact")
   updates = {
       "pretrain": lambda tx, s, x, y: steps.pretrain_step(nets, tx, s, x, y, key,
                                                           options=options),
@@ -51,19 +58,21 @@ def jax_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
                                                               options),
       "finetune": lambda tx, s, x, y: steps.finetune_step(nets, loss, tx, s, x, y, key,
                                                           options=options),
+      "compact_finetune": lambda tx, s, x, y: steps.finetune_step(nets, loss, tx, s, x, y, key,
+                                                                  options=compact),
   }
   params = {"resnet": variables["params"], "policy": policy["params"]}
   stats = {"resnet": variables["batch_stats"], "policy": policy["batch_stats"]}
   fns = {}
-  for stage, update in updates.items():
-    tx = optimizers[stage]
+  for stage in stages:
+    update, tx = updates[stage], optimizers[ORIGINAL_STAGE.get(stage, stage)]
     state = steps.create_state(params, stats, tx)
     step = compilation.jit(update, static_argnums=0)
     fns[stage] = lambda step=step, tx=tx, state=state: step(tx, state, images, labels)[1]
   return fns
 
 
-def torch_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
+def torch_updates(spec, variables, policy_spec, policy, images, labels, stages) -> dict:
   """stage -> a no-argument function running one update of the original in PyTorch."""
   import torch
   from blockdrop_jax import torch_nets
@@ -83,13 +92,14 @@ def torch_updates(spec, variables, policy_spec, policy, images, labels) -> dict:
     torch.nn.functional.cross_entropy(rnet(x), y).backward()
     sgd.step()
 
-  return {
+  updates = {
       "pretrain": pretrain,
       "curriculum": lambda: torch_nets.original_update(
           agent, rnet, curriculum_adam, x, y, uniforms, spec.num_blocks, finetune=False),
       "finetune": lambda: torch_nets.original_update(
           agent, rnet, finetune_adam, x, y, uniforms, spec.num_blocks, finetune=True),
   }
+  return {stage: updates[stage] for stage in {ORIGINAL_STAGE.get(s, s) for s in stages}}
 
 
 def main(argv=None) -> int:
@@ -101,6 +111,7 @@ def main(argv=None) -> int:
   p.add_argument("--keep", nargs="+", type=float, default=[0.5],
                  help="keep probabilities of the policy network's output")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
   args = p.parse_args(argv)
   import torch
   shared = registry.shared_data_dir()
@@ -109,8 +120,9 @@ def main(argv=None) -> int:
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads; {os.cpu_count()} cores; median of {args.repeats} "
         "runs after a warm-up, JAX and PyTorch taking turns\n")
-  print("| net | batch | keep | stage | JAX images/s | PyTorch images/s | JAX/PyTorch (quartiles) |")
-  print("|---|---|---|---|---|---|---|")
+  print("| net | batch | keep | blocks kept: sampled, greedy | stage | JAX images/s | "
+        "PyTorch images/s | JAX/PyTorch (quartiles) |")
+  print("|---|---|---|---|---|---|---|---|")
   for name in args.nets:
     spec, variables = load_net(name, shared)
     for batch in args.batches:
@@ -118,14 +130,20 @@ def main(argv=None) -> int:
       for keep in args.keep:
         policy_spec, policy = fresh_policy(spec, keep)
         ours = jax_updates(spec, variables, policy_spec, policy, jnp.asarray(images),
-                           jnp.asarray(labels))
-        theirs = torch_updates(spec, variables, policy_spec, policy, images, labels)
+                           jnp.asarray(labels), args.stages)
+        theirs = torch_updates(spec, variables, policy_spec, policy, images, labels, args.stages)
         times = timed_alternately({**{("jax", s): f for s, f in ours.items()},
                                    **{("torch", s): f for s, f in theirs.items()}}, args.repeats)
-        for stage in STAGES:
-          jax_runs, torch_runs = times[("jax", stage)][1], times[("torch", stage)][1]
+        for stage in args.stages:
+          jax_runs = times[("jax", stage)][1]
+          torch_runs = times[("torch", ORIGINAL_STAGE.get(stage, stage))][1]
           low, median, high = paired_ratio(torch_runs, jax_runs)
-          print(f"| {name} | {batch} | {keep} | {stage} | "
+          kept = "-"
+          if "finetune" in stage:
+            metrics = ours[stage]()
+            kept = ", ".join(f"{float(metrics[f'blocks_{p}']) / spec.num_blocks:.2f}"
+                             for p in ("sampled", "greedy"))
+          print(f"| {name} | {batch} | {keep} | {kept} | {stage} | "
                 f"{batch / statistics.median(jax_runs):.1f} | "
                 f"{batch / statistics.median(torch_runs):.1f} | "
                 f"{median:.2f}x ({low:.2f}-{high:.2f}) |", flush=True)

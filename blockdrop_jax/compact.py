@@ -40,6 +40,22 @@ def resolve_auto(mode: str) -> str:
   return mode
 
 
+# Compact finetuning is faster than masked on the 2-core CPU while the sampled policies keep at
+# most this fraction of the blocks (benchmarks/train_speed.py, docs/results.md).
+COMPACT_FINETUNE_BELOW = 0.6
+
+
+def finetune_passes(mode: str, sampled_keep: Optional[float]) -> str:
+  """``mode`` of config.finetune.passes, with "auto" made "compact" where compact finetuning pays:
+  on a backend where compact execution does (``compact_pays``) and while the sampled policies
+  keep at most ``COMPACT_FINETUNE_BELOW`` of the blocks (``sampled_keep``: their last measured
+  fraction, None before any)."""
+  if mode != "auto":
+    return mode
+  sparse = sampled_keep is not None and sampled_keep <= COMPACT_FINETUNE_BELOW
+  return "compact" if compact_pays() and sparse else "masked"
+
+
 def _compact_block(spec: ResNetSpec, variables, t: int, x, keep, chunk: int,
                    leading: Optional[tuple[int, Any]] = None):
   """Block t run on only the rows that keep it (``keep``: (rows,) bool, rows a multiple of

@@ -63,9 +63,10 @@ def validate(config: ml_collections.ConfigDict, n_train: Optional[int] = None, n
         raise BlockDropError(
             f"config.{stage}.penalty = {cfg.penalty} must be negative: it is the reward of a wrong "
             f"prediction, below any correct one (did you mean {-abs(cfg.penalty) or -1}?)")
-      passes = ("auto", *steps.CURRICULUM_PASSES)
-      if stage == "curriculum" and cfg.passes not in passes:
-        raise BlockDropError(f"config.curriculum.passes = {cfg.passes!r}; use one of {passes}")
+      passes = ("auto", *(steps.FINETUNE_PASSES if stage == "finetune"
+                          else steps.CURRICULUM_PASSES))
+      if cfg.passes not in passes:
+        raise BlockDropError(f"config.{stage}.passes = {cfg.passes!r}; use one of {passes}")
       if not 0.5 < cfg.alpha <= 1.0:
         raise BlockDropError(f"config.{stage}.alpha = {cfg.alpha} must be in (0.5, 1]")
     if cfg.epochs < 1 or cfg.lr <= 0:

@@ -19,7 +19,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
-from blockdrop_jax import compact, curriculum, rewards
+from blockdrop_jax import compact, compact_finetune, curriculum, rewards
 from blockdrop_jax.data import apply_crop_flip, center_crop, crop_flip_draws, to_unit_float
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
@@ -113,6 +113,7 @@ class PolicyLoss:
 
 
 CURRICULUM_PASSES = ("compact", "masked")  # config also takes "auto" (compact.resolve_auto)
+FINETUNE_PASSES = ("masked", "compact")  # config also takes "auto" (trainer.epoch_finetune_passes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,10 @@ class StepOptions:
   # block only on the images that keep it (compact.curriculum_pair); "masked" runs two full
   # masked passes as the original does; "auto" picks the faster on this backend. Same results.
   curriculum_passes: str = "auto"
+  # Finetuning passes: "masked" (the original's) runs every block for every image; "compact" runs
+  # each block's branch, forward and backward, only on the images that keep it, BatchNorm over
+  # those images (compact_finetune). Other results than masked where a policy drops blocks.
+  finetune_passes: str = "masked"
   # The mesh of a step jitted over a sharded global batch (parallel.sharded_step): compact passes
   # then run under shard_map on each device's own rows, instead of gathering kept rows from the
   # whole batch across devices (they are per image, and the ResNet is frozen).
@@ -337,21 +342,43 @@ def curriculum_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images,
   return _update_budget_multiplier(loss, new_state, metrics, K, active=k >= K)
 
 
+def _training_passes(nets: Nets, options: StepOptions, compact_rows: bool):
+  """f(params, batch stats, images, policy) -> (logits, new batch stats) of the ResNet in training
+  mode: masked, or with each block's branch on its kept rows only (``compact_rows``), per device
+  under ``shard_map`` when the batch is sharded."""
+  if not compact_rows:
+    return lambda p, s, x, policy: _forward(nets.resnet, p, s, x, policy, train=True,
+                                            axis_name=options.axis_name)
+  if options.mesh is None:
+    return functools.partial(compact_finetune.train_forward, nets.resnet,
+                             axis_name=options.axis_name)
+  rows, whole = PartitionSpec(options.mesh.axis_names), PartitionSpec()
+  forward = functools.partial(compact_finetune.train_forward, nets.resnet,
+                              axis_name=options.mesh.axis_names[0])
+  return jax.shard_map(forward, mesh=options.mesh, in_specs=(whole, whole, rows, rows),
+                       out_specs=(rows, whole))
+
+
 def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
-                  budget_multiplier=0.0, teacher_logits=None, axis_name: Optional[str] = None):
+                  budget_multiplier=0.0, teacher_logits=None,
+                  options: StepOptions = StepOptions()):
   """Stage 2: policy gradient (summed over the batch, as the original) + cross-entropy of the
   sampled pass (or with ``loss.distillation`` from ``teacher_logits``). Both ResNet passes run
   with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
-  only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one)."""
+  only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one).
+  ``options.finetune_passes`` says how the passes run the blocks."""
+  axis_name = options.axis_name
   log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key,
                                                                 axis_name)
+  if options.finetune_passes not in FINETUNE_PASSES:
+    raise ValueError(f"finetune_passes={options.finetune_passes!r}; use one of {FINETUNE_PASSES} "
+                     "(the trainer resolves config.finetune.passes='auto' per epoch)")
+  passes = _training_passes(nets, options, options.finetune_passes == "compact")
   learning, frozen = params["resnet"], jax.lax.stop_gradient(params["resnet"])
   greedy_weights, sampled_weights = ((learning, frozen) if loss.resnet_learns_greedy
                                      else (frozen, learning))
-  logits_greedy, resnet_stats = _forward(nets.resnet, greedy_weights, stats["resnet"], x, greedy,
-                                         train=True, axis_name=axis_name)
-  logits_sampled, resnet_stats = _forward(nets.resnet, sampled_weights, resnet_stats, x, sampled,
-                                          train=True, axis_name=axis_name)
+  logits_greedy, resnet_stats = passes(greedy_weights, stats["resnet"], x, greedy)
+  logits_sampled, resnet_stats = passes(sampled_weights, resnet_stats, x, sampled)
   ones = jnp.ones((nets.resnet.num_blocks,))
   pg, metrics = policy_gradient_loss(loss, log_p, log_not_p, sampled, greedy, logits_sampled,
                                      jax.lax.stop_gradient(logits_greedy), labels, ones,
@@ -376,7 +403,7 @@ def finetune_step(nets: Nets, loss: PolicyLoss, tx, state: TrainState, images, l
   teacher_logits = _teacher_logits(nets, teacher, x)
   grad_fn = jax.value_and_grad(
       lambda p: finetune_loss(nets, loss, p, state.batch_stats, x, labels, sample_key,
-                              state.budget_multiplier, teacher_logits, options.axis_name),
+                              state.budget_multiplier, teacher_logits, options),
       has_aux=True)
   (total, (metrics, stats)), grads = grad_fn(state.params)
   grads = _mean_over_devices(grads, options.axis_name)

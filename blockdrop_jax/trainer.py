@@ -21,8 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from blockdrop_jax import (checkpoint, curriculum, evaluation, flops, multihost, parallel,
-                           references, run_checks, run_inputs, run_log, steps, storage)
+from blockdrop_jax import (checkpoint, compact, curriculum, evaluation, flops, multihost,
+                           parallel, references, run_checks, run_inputs, run_log, steps, storage)
 from blockdrop_jax.data import Dataset, epoch_order, prefetched
 from blockdrop_jax.errors import BlockDropError
 from blockdrop_jax.models import resnet
@@ -64,14 +64,16 @@ def distillation(config, stage: str) -> steps.Distillation:
   return steps.Distillation(config.finetune.distill_weight, config.finetune.distill_temperature)
 
 
-def compiled_step(run: Run, stage: str, tx, mesh):
+def compiled_step(run: Run, stage: str, tx, mesh, finetune_passes: str = "masked"):
   """The step of ``stage``, (state, images, labels, stage_key, step, k) -> (state, metrics),
   jitted over the data-parallel ``mesh``: pretraining, the curriculum, BlockDrop's joint
-  finetuning, or the static reference's finetuning under ``run.static_keep``. Its random key,
-  ``fold_in(stage_key, step)``, is drawn inside the compiled step."""
+  finetuning (its passes ``finetune_passes``), or the static reference's finetuning under
+  ``run.static_keep``. Its random key, ``fold_in(stage_key, step)``, is drawn inside the compiled
+  step."""
   nets, config = run.nets, run.config
   options = steps.StepOptions(augment=config.data.augment,
-                              curriculum_passes=config.curriculum.passes, mesh=mesh)
+                              curriculum_passes=config.curriculum.passes,
+                              finetune_passes=finetune_passes, mesh=mesh)
   distill = distillation(config, stage)
   if stage == "pretrain":
     fn = lambda s, x, y, key, k, teacher: steps.pretrain_step(nets, tx, s, x, y, key,
@@ -93,6 +95,17 @@ def compiled_step(run: Run, stage: str, tx, mesh):
   compiled = parallel.sharded_step(keyed, mesh, replicated_args=4)
   teacher = parallel.replicate(run.starting_resnet, mesh) if distill.weight else None
   return lambda s, x, y, stage_key, step, k: compiled(s, x, y, stage_key, step, k, teacher)
+
+
+def epoch_finetune_passes(run: Run, stage: str, last_record: dict) -> Optional[str]:
+  """How BlockDrop's finetuning runs its passes in the next epoch (None in other stages):
+  config.finetune.passes, "auto" resolved from the sampled policies' share of the blocks in
+  ``last_record`` (the last epoch's, restored with a checkpoint, so a resumed run chooses alike)."""
+  if stage != "finetune" or run.static_keep is not None:
+    return None
+  blocks = last_record.get("train_blocks_sampled")
+  keep = None if blocks is None else blocks / run.nets.resnet.num_blocks
+  return compact.finetune_passes(run.config.finetune.passes, keep)
 
 
 def choose_static_subset(run: Run, fraction: float) -> np.ndarray:
@@ -251,9 +264,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool,
       if stage == "finetune" and config.finetune.static:
         run.static_keep = choose_static_subset(run, config.block_budget.fraction)
     state = parallel.replicate(state, mesh)
-    step_fn = compiled_step(run, stage, tx, mesh)
+    step_fns = {}  # compiled per finetune_passes: "auto" may change them between epochs
     for at.epoch in range(at.epoch, config[stage].epochs):
-      state = _train_epoch(loop, step_fn, state, at)
+      passes = epoch_finetune_passes(run, stage, at.last_metrics)
+      if passes not in step_fns:
+        step_fns[passes] = compiled_step(run, stage, tx, mesh, passes or "masked")
+      state = _train_epoch(loop, step_fns[passes], state, at, passes)
     at.epoch = 0
     params, stats, budget_multiplier = state.params, state.batch_stats, state.budget_multiplier
     state = None
@@ -294,9 +310,11 @@ def _controlled_blocks(run: Run, stage: str, epoch: int, batch: int) -> int:
                                       cfg.steps_per_block)
 
 
-def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainState:
+def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position,
+                 finetune_passes: Optional[str] = None) -> TrainState:
   """The steps of epoch ``at.epoch`` from batch ``at.batch`` on (``at`` moves with them), with
-  checkpoints inside the epoch where configured, then ``_end_epoch``."""
+  checkpoints inside the epoch where configured, then ``_end_epoch`` (which records
+  ``finetune_passes``, the finetuning passes the steps ran)."""
   run, config = loop.run, loop.run.config
   stage = tuple(config.stages)[at.stage_index]
   cfg = config[stage]
@@ -337,21 +355,23 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position) -> TrainS
     if preempted:
       loop.ckpts.wait()
       raise multihost.Preempted(at.global_step, loop.workdir)
+  throughput = run_log.epoch_throughput(time.perf_counter() - started,
+                                        steps_per_epoch - first_batch, cfg.batch_size)
   _end_epoch(loop, state, at, pending.sums,
-             run_log.epoch_throughput(time.perf_counter() - started, steps_per_epoch - first_batch,
-                              cfg.batch_size))
+             {**throughput, **({"finetune_passes": finetune_passes} if finetune_passes else {})})
   return state
 
 
-def _end_epoch(loop: Loop, state: TrainState, at: Position, sums: dict, throughput: dict) -> None:
-  """The epoch's record (training means, throughput, evaluation where due), logged and printed,
+def _end_epoch(loop: Loop, state: TrainState, at: Position, sums: dict, about: dict) -> None:
+  """The epoch's record (training means, ``about`` the epoch: its throughput and how its steps
+  ran; evaluation where due), logged and printed,
   and its checkpoint (also as best when it is); ``at`` moves to the next epoch's start."""
   run, config = loop.run, loop.run.config
   stage = tuple(config.stages)[at.stage_index]
   steps_per_epoch = _steps_per_epoch(run, stage)
   k = _controlled_blocks(run, stage, at.epoch, steps_per_epoch - 1)  # as the epoch ended
   record = {"stage": stage, "epoch": at.epoch + 1, "step": at.global_step, "k": k,
-            **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}, **throughput}
+            **{f"train_{n}": v / steps_per_epoch for n, v in sums.items()}, **about}
   evaluated = (at.epoch + 1) % config.eval_every == 0 or at.epoch + 1 == config[stage].epochs
   score = None
   if evaluated:

@@ -120,6 +120,8 @@ def test_train_speed_benchmark_times_every_stage_beside_the_original(shared_data
                            "--repeats", "1"]) == 0
   rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
           if line.startswith("| cifar_resnet8 | ")]
-  assert [(row[2], row[3]) for row in rows] == [
-      ("0.2", stage) for stage in ("pretrain", "curriculum", "finetune")]
-  assert all(float(row[4]) > 0 and float(row[5]) > 0 for row in rows)
+  assert [(row[2], row[4]) for row in rows] == [
+      ("0.2", stage) for stage in ("pretrain", "curriculum", "finetune", "compact_finetune")]
+  assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)
+  # Finetuning rows say how many blocks the policies kept: the same for both passes.
+  assert rows[0][3] == "-" and rows[2][3] == rows[3][3] != "-"

@@ -1,6 +1,7 @@
 """Data parallelism on 8 fake CPU devices (conftest sets XLA_FLAGS before JAX starts)."""
 
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -35,7 +36,10 @@ def setup():
 
 
 def _step(kind, nets, tx, options=steps.StepOptions()):
+  """The step of ``kind``: "curriculum", "finetune" or "compact finetune"."""
   loss = steps.PolicyLoss(penalty=-5.0)
+  if kind == "compact finetune":
+    options = dataclasses.replace(options, finetune_passes="compact")
   if kind == "curriculum":
     return lambda s, x, y, key, k: steps.curriculum_step(nets, loss, tx, s, x, y, key, k, options)
   return lambda s, x, y, key, k: steps.finetune_step(nets, loss, tx, s, x, y, key,
@@ -54,7 +58,7 @@ def _same_updates(new, reference, old):
   jax.tree.map(check, new, reference, old)
 
 
-@pytest.mark.parametrize("kind", ["curriculum", "finetune"])
+@pytest.mark.parametrize("kind", ["curriculum", "finetune", "compact finetune"])
 def test_sharded_and_pmap_steps_equal_single_device(setup, kind):
   nets, params, stats, images, labels = setup
   tx = optax.sgd(0.5)  # linear in the gradients, so parameters compare gradients (Adam's first

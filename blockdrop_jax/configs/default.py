@@ -121,7 +121,14 @@ def _finetune() -> ml_collections.ConfigDict:
       # The static reference (``:static``): True finetunes the ResNet alone under one fixed
       # subset of round(block_budget.fraction K) blocks, chosen on the validation images by
       # greedy backward elimination from the starting ResNet; False: BlockDrop's finetuning.
-      static=False))
+      static=False,
+      # How the two training-mode ResNet passes run the blocks. "masked": every block for every
+      # image, the dropped outputs discarded, as the original; "compact": each block's branch,
+      # forward and backward, only on the images that keep it, its BatchNorm statistics over
+      # those images (docs/method.md); "auto": compact on CPU in epochs that follow one whose
+      # sampled policies kept few enough blocks for it to be faster, masked otherwise and on
+      # other backends (docs/results.md).
+      passes="masked"))
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:

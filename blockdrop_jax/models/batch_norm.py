@@ -36,7 +36,7 @@ def _sum_rows_cpu(rows, lanes: int = 256):
   return jnp.sum(across.reshape(lanes, channels), axis=0)
 
 
-def _sum_rows(rows, axis_name: Optional[str]):
+def sum_rows(rows, axis_name: Optional[str]):
   """Column sums of (n, C) ``rows``, over all devices of ``axis_name`` when it is set."""
   total = jax.lax.platform_dependent(rows, cpu=_sum_rows_cpu,
                                      default=lambda r: jnp.sum(r, axis=0))
@@ -51,11 +51,11 @@ def _count(rows, axis_name: Optional[str]):
 def _statistics(x, eps, axis_name):
   rows = x.reshape(-1, x.shape[-1])
   n = _count(rows, axis_name)
-  mean = _sum_rows(rows, axis_name) / n
+  mean = sum_rows(rows, axis_name) / n
   # Two passes, as PyTorch computes it: E[x^2] - E[x]^2 loses the variance of channels whose mean
   # is large against their spread (ImageNet-size activations after ReLU).
   centred = rows - mean
-  var = _sum_rows(centred * centred, axis_name) / n
+  var = sum_rows(centred * centred, axis_name) / n
   return mean, var, jax.lax.rsqrt(var + eps)
 
 
@@ -79,8 +79,8 @@ def _backward(eps, axis_name, residuals, cotangents):
   normalised = centred * inv_std
   # Parameter gradients are this device's own; the input gradient sees the global batch, as
   # autodiff through the psum of the statistics would give.
-  d_bias = _sum_rows(d_out.reshape(-1, channels), None)
-  d_scale = _sum_rows((d_out * normalised).reshape(-1, channels), None)
+  d_bias = sum_rows(d_out.reshape(-1, channels), None)
+  d_scale = sum_rows((d_out * normalised).reshape(-1, channels), None)
   n = _count(x.reshape(-1, channels), axis_name)
   # d_mean, d_var: cotangents of the returned statistics (zero when only the output is
   # differentiated). One collective for all four sums.
@@ -102,7 +102,7 @@ def _varying_axes(value) -> frozenset:
   return frozenset(types.varying if types is not None else getattr(aval, "vma", ()))
 
 
-def _varying_like(param, x):
+def varying_like(param, x):
   """``param`` marked as varying over the shard_map axes that ``x`` varies over, as autodiff
   marks it where the two meet: the gradient of a replicated parameter is then summed over
   devices, and ``batch_norm_train``'s gradient has its inputs' types. No-op elsewhere."""
@@ -131,7 +131,7 @@ class BatchNorm(nn.Module):
     if use_running_average:
       mean, var = running_mean.value, running_var.value
       return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    y, mean, var = batch_norm_train(x, _varying_like(scale, x), _varying_like(bias, x),
+    y, mean, var = batch_norm_train(x, varying_like(scale, x), varying_like(bias, x),
                                     self.epsilon, self.axis_name)
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient((mean, var))

@@ -1,0 +1,278 @@
+"""Compact joint finetuning: each block's residual branch runs, forward and backward, only on the
+rows (images) whose policy keeps the block.
+
+The original finetunes with masked passes: every block runs for every image in training mode and
+the dropped outputs are thrown away. Here block t gathers its kept rows ``CHUNK`` at a time, in
+loops whose trip count is the number of kept rows (a batch-level number), so a dropped row costs
+no convolution forward or backward. Loops with such trip counts have no reverse-mode derivative,
+so the block's backward pass is written out (``custom_vjp``): it walks the same chunks back.
+
+BatchNorm in training mode then normalises each block's branch with the statistics of the images
+that run it; the original's masked pass also counts the images whose output it discards
+(docs/method.md, "Compact finetuning"). With every block kept the two are the same
+(tests/test_compact_finetune.py). Under ``shard_map`` each device runs its own rows and the
+statistics are summed over devices, outside the loops.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from blockdrop_jax.models import resnet
+from blockdrop_jax.models.batch_norm import sum_rows, varying_like
+from blockdrop_jax.models.resnet import ResNetSpec
+
+# Rows per chunk of a block's branch (16 and 32 were about even on the 2-core CPU; 16 wastes
+# fewer rows in a partly kept chunk).
+CHUNK = 16
+MOMENTUM, EPSILON = 0.9, 1e-5  # PyTorch's BatchNorm defaults, as resnet._batch_norm
+
+
+def branch_strides(spec: ResNetSpec, t: int) -> tuple[int, ...]:
+  """The strides of block t's branch convolutions, in order (its layers' kernels set the rest)."""
+  stride = spec.block_layout()[t][4]
+  return (stride, 1) if spec.block == "basic" else (1, stride, 1)
+
+
+def _conv(x, kernel, stride: int):
+  """``resnet._conv``: symmetric padding of kernel // 2, as PyTorch."""
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_backward(inputs, kernel, stride: int, d_out):
+  """(input gradient, kernel gradient) of ``_conv``, each written as a forward convolution or a
+  matrix product. Inside a loop XLA:CPU runs the backward convolutions that autodiff emits 10-60
+  times slower than these (docs/results.md); the values are the same."""
+  size, pad = kernel.shape[0], kernel.shape[0] // 2
+  extra = (inputs.shape[1] + 2 * pad - size) % stride
+  edges = ((size - 1 - pad, size - 1 - pad + extra),) * 2
+  d_inputs = jax.lax.conv_general_dilated(
+      d_out, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1), edges, lhs_dilation=(stride, stride),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  height, width = d_out.shape[1:3]
+  padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  patches = jnp.concatenate(
+      [padded[:, h:h + stride * (height - 1) + 1:stride, w:w + stride * (width - 1) + 1:stride]
+       for h in range(size) for w in range(size)], axis=-1)
+  d_kernel = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, d_out.reshape(-1, d_out.shape[-1]),
+                     precision=jax.lax.Precision.HIGHEST)
+  return d_inputs, d_kernel.reshape(kernel.shape)
+
+
+def _masked_sum(values, valid, axis_name=None):
+  """Per-channel sum over the valid rows (and every position) of a chunk."""
+  rows = jnp.where(valid[:, None, None, None], values, 0.0).reshape(-1, values.shape[-1])
+  return sum_rows(rows, axis_name)
+
+
+class _Chunks:
+  """The chunks of one block: row positions in kept-first order, ``chunk`` at a time."""
+
+  def __init__(self, keep, chunk: int, axis_name: Optional[str]):
+    rows = keep.shape[0]
+    self.chunk, self.rows = chunk, rows
+    self.padded = -(-rows // chunk) * chunk
+    self.kept = jnp.sum(keep, dtype=jnp.int32)
+    self.total = self.kept if axis_name is None else jax.lax.psum(self.kept, axis_name)
+    self.count = (self.kept + chunk - 1) // chunk
+    self.order = jnp.pad(jnp.argsort(~keep, stable=True), (0, self.padded - rows))
+
+  def __call__(self, i):
+    """(rows to read, rows to write (out of range where not kept), kept mask) of chunk i."""
+    positions = i * self.chunk + jnp.arange(self.chunk)
+    valid = positions < self.kept
+    read = jax.lax.dynamic_slice_in_dim(self.order, i * self.chunk, self.chunk)
+    return read, jnp.where(valid, read, self.rows), valid
+
+  def slice(self, buffer, i):
+    return jax.lax.dynamic_slice_in_dim(buffer, i * self.chunk, self.chunk)
+
+  def put(self, buffer, i, values):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, values, i * self.chunk, 0)
+
+
+def _zeros(shape, dtype, like):
+  """A loop's initial zeros, varying over the ``shard_map`` axes that ``like`` varies over (the
+  values the loop adds to them do)."""
+  return varying_like(jnp.zeros(shape, dtype), like)
+
+
+def _normalise(h, mean, inv_std, scale, bias):
+  return (h - mean) * (inv_std * scale) + bias
+
+
+def _layer_input(chunks: _Chunks, x, hidden, stats, scales, biases, j: int, i, read):
+  """The input of layer j of the branch for chunk i: the gathered block input, or the previous
+  layer's convolution output after its BatchNorm and ReLU."""
+  if j == 0:
+    return x[read]
+  mean, inv_std = stats[j - 1]
+  return jax.nn.relu(_normalise(chunks.slice(hidden[j - 1], i), mean, inv_std, scales[j - 1],
+                                biases[j - 1]))
+
+
+def _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases):
+  chunks = _Chunks(keep, CHUNK, axis_name)
+  hidden, stats, moments = [], [], []
+  for j, (kernel, stride) in enumerate(zip(kernels, strides)):
+    shape = jax.eval_shape(functools.partial(_conv, stride=stride),
+                           jax.ShapeDtypeStruct((CHUNK,) + x.shape[1:] if j == 0 else
+                                                (CHUNK,) + hidden[-1].shape[1:], x.dtype), kernel)
+
+    def convolve(i, carry, j=j, kernel=kernel, stride=stride):
+      buffer, total = carry
+      read, _, valid = chunks(i)
+      h = _conv(_layer_input(chunks, x, hidden, stats, scales, biases, j, i, read), kernel, stride)
+      return chunks.put(buffer, i, h), total + _masked_sum(h, valid)
+
+    buffer = _zeros((chunks.padded,) + shape.shape[1:], shape.dtype, x)
+    buffer, total = jax.lax.fori_loop(0, chunks.count, convolve,
+                                      (buffer, _zeros(shape.shape[-1:], shape.dtype, x)))
+    n = chunks.total * shape.shape[1] * shape.shape[2]
+    mean = _psum(total, axis_name) / jnp.maximum(n, 1)
+
+    def squares(i, total, buffer=buffer, mean=mean):
+      centred = chunks.slice(buffer, i) - mean
+      return total + _masked_sum(centred * centred, chunks(i)[2])
+
+    var = _psum(jax.lax.fori_loop(0, chunks.count, squares, _zeros(mean.shape, mean.dtype, x)),
+                axis_name) / jnp.maximum(n, 1)
+    hidden.append(buffer)
+    stats.append((mean, jax.lax.rsqrt(var + EPSILON)))
+    moments.append((mean, var * (n / jnp.maximum(n - 1, 1))))  # PyTorch's running var: unbiased
+
+  def finish(i, out):
+    read, write, _ = chunks(i)
+    mean, inv_std = stats[-1]
+    branch = _normalise(chunks.slice(hidden[-1], i), mean, inv_std, scales[-1], biases[-1])
+    return out.at[write].set(jax.nn.relu(shortcut[read] + branch), mode="drop")
+
+  out = jax.lax.fori_loop(0, chunks.count, finish, shortcut)
+  residuals = (x, keep, kernels, scales, biases, out, hidden, stats)
+  return (out, tuple(moments)), residuals
+
+
+def _psum(value, axis_name):
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def kept_rows_block(strides, axis_name, x, shortcut, keep, kernels, scales, biases):
+  """A residual block in training mode on the rows that ``keep`` it: ``relu(shortcut + F(x))``
+  there and ``shortcut`` elsewhere, F the branch of convolutions (``kernels``, ``strides``) with
+  BatchNorm (``scales``, ``biases``) over the kept rows of every device of ``axis_name``. Also
+  returns each BatchNorm's (batch mean, unbiased batch variance) for the running statistics."""
+  return _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases)[0]
+
+
+def _backward(strides, axis_name, residuals, cotangents):
+  x, keep, kernels, scales, biases, out, hidden, stats = residuals
+  d_out = cotangents[0]  # the batch statistics only feed the running averages: no gradient
+  chunks = _Chunks(keep, CHUNK, axis_name)
+  layers = len(kernels)
+
+  def sums(g, valid, j, i):
+    """(sum of g, sum of g x normalised) over the valid rows: BatchNorm j's bias and scale
+    gradients, and what its input gradient needs."""
+    mean, inv_std = stats[j]
+    normalised = (chunks.slice(hidden[j], i) - mean) * inv_std
+    return _masked_sum(g, valid), _masked_sum(g * normalised, valid)
+
+  def into_branch(i, carry):
+    """The output's gradient where the block ran: through the final ReLU into the branch (and,
+    equally, the shortcut)."""
+    grads, d_shortcut, d_bias, d_scale = carry
+    read, write, valid = chunks(i)
+    g = jnp.where(valid[:, None, None, None] & (out[read] > 0), d_out[read], 0.0)
+    g_bias, g_scale = sums(g, valid, layers - 1, i)
+    return (chunks.put(grads, i, g), d_shortcut.at[write].set(g, mode="drop"),
+            d_bias + g_bias, d_scale + g_scale)
+
+  def zeros_like(a):
+    return _zeros(a.shape, a.dtype, x)
+
+  grads, d_shortcut, d_bias, d_scale = jax.lax.fori_loop(
+      0, chunks.count, into_branch,
+      (zeros_like(hidden[-1]), d_out, zeros_like(scales[-1]), zeros_like(scales[-1])))
+  d_kernels, d_scales, d_biases = [None] * layers, [None] * layers, [None] * layers
+  d_x = zeros_like(x)
+  for j in reversed(range(layers)):
+    d_biases[j], d_scales[j] = d_bias, d_scale
+    total_bias, total_scale = _psum((d_bias, d_scale), axis_name)
+    mean, inv_std = stats[j]
+    shape = hidden[j].shape
+    n = jnp.maximum(chunks.total * shape[1] * shape[2], 1)
+
+    def layer_back(i, carry, j=j, total_bias=total_bias, total_scale=total_scale, mean=mean,
+                   inv_std=inv_std, n=n, grads=grads):
+      d_kernel, previous, d_x, d_bias, d_scale = carry
+      read, write, valid = chunks(i)
+      normalised = (chunks.slice(hidden[j], i) - mean) * inv_std
+      d_h = (scales[j] * inv_std) * (chunks.slice(grads, i) - total_bias / n
+                                     - normalised * (total_scale / n))
+      d_h = jnp.where(valid[:, None, None, None], d_h, 0.0)
+      inputs = _layer_input(chunks, x, hidden, stats, scales, biases, j, i, read)
+      d_inputs, d_kernel_chunk = _conv_backward(inputs, kernels[j], strides[j], d_h)
+      d_kernel = d_kernel + d_kernel_chunk
+      if j == 0:
+        return d_kernel, previous, d_x.at[write].add(d_inputs, mode="drop"), d_bias, d_scale
+      g = jnp.where(valid[:, None, None, None] & (inputs > 0), d_inputs, 0.0)
+      g_bias, g_scale = sums(g, valid, j - 1, i)
+      return d_kernel, chunks.put(previous, i, g), d_x, d_bias + g_bias, d_scale + g_scale
+
+    empty = zeros_like(x[:0, 0, 0, 0])
+    previous = zeros_like(hidden[j - 1]) if j else empty
+    below = zeros_like(scales[j - 1]) if j else empty
+    d_kernels[j], grads, d_x, d_bias, d_scale = jax.lax.fori_loop(
+        0, chunks.count, layer_back, (zeros_like(kernels[j]), previous, d_x, below, below))
+  return d_x, d_shortcut, None, tuple(d_kernels), tuple(d_scales), tuple(d_biases)
+
+
+kept_rows_block.defvjp(_forward, _backward)
+
+
+def _stage_apply(spec, axis_name, variables, x, method):
+  """A part of the network in training mode: (output, its updated batch statistics)."""
+  return resnet.ResNet(spec, axis_name=axis_name).apply(variables, x, method=method,
+                                                        mutable=["batch_stats"])
+
+
+def train_forward(spec: ResNetSpec, params, batch_stats, images, policy,
+                  axis_name: Optional[str] = None):
+  """(logits, new batch statistics) of the ResNet in training mode under a per-example
+  ``policy``, each block's branch computed on only the images that keep it (``kept_rows_block``).
+  The stem, the shortcuts and the head run on every image as in masked execution; a block no
+  image keeps leaves its running statistics as they were, as the original."""
+  resnet.check_policy(policy, images.shape[0], spec.num_blocks)
+  variables = {"params": params, "batch_stats": batch_stats}
+  stats = dict(batch_stats)
+  x, updates = _stage_apply(spec, axis_name, variables, images, lambda m, x: m.stem(x, True))
+  stats.update(updates["batch_stats"])
+  keep = policy > 0.5
+  for t in range(spec.num_blocks):
+    name = f"block{t}"
+    shortcut, updates = _stage_apply(spec, axis_name, variables, x,
+                                     lambda m, x, t=t: m.blocks[t](x, True, True))
+    block_stats = {**stats[name], **updates["batch_stats"].get(name, {})}
+    block = params[name]
+    strides = branch_strides(spec, t)
+    layers = [str(i + 1) for i in range(len(strides))]
+    x, moments = kept_rows_block(
+        strides, axis_name, x, shortcut, keep[:, t],
+        *[tuple(varying_like(block[f"{kind}{i}"][leaf], x) for i in layers)
+          for kind, leaf in (("conv", "kernel"), ("bn", "scale"), ("bn", "bias"))])
+    runs = _psum(jnp.sum(keep[:, t], dtype=jnp.int32), axis_name) > 0
+    for i, (mean, var) in zip(layers, moments):
+      old = block_stats[f"bn{i}"]
+      block_stats[f"bn{i}"] = {
+          "mean": jnp.where(runs, MOMENTUM * old["mean"] + (1 - MOMENTUM) * mean, old["mean"]),
+          "var": jnp.where(runs, MOMENTUM * old["var"] + (1 - MOMENTUM) * var, old["var"])}
+    stats[name] = jax.lax.stop_gradient(block_stats)
+  logits = resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.head(x))
+  return logits, stats
