@@ -26,9 +26,11 @@ from blockdrop_jax.models import resnet
 from blockdrop_jax.models.batch_norm import sum_rows, varying_like
 from blockdrop_jax.models.resnet import ResNetSpec
 
-# Rows per chunk of a block's branch (16 and 32 were about even on the 2-core CPU; 16 wastes
-# fewer rows in a partly kept chunk).
-CHUNK = 16
+# Rows per chunk of a block's branch. On the 2-core CPU, in a loop, a forward convolution of 16
+# rows costs about what one of 32 does and half what one of 64 does, while the backward pass
+# (both gradients) is fastest at 16: the forward pass runs whole chunks of FORWARD_CHUNK rows and
+# the rest, like the backward pass, in chunks of CHUNK.
+CHUNK, FORWARD_CHUNK = 16, 64
 MOMENTUM, EPSILON = 0.9, 1e-5  # PyTorch's BatchNorm defaults, as resnet._batch_norm
 
 
@@ -71,30 +73,48 @@ def _masked_sum(values, valid, axis_name=None):
   return sum_rows(rows, axis_name)
 
 
-class _Chunks:
-  """The chunks of one block: row positions in kept-first order, ``chunk`` at a time."""
+class _Rows:
+  """A block's rows in kept-first order, and how many keep it (here and over all devices)."""
 
-  def __init__(self, keep, chunk: int, axis_name: Optional[str]):
-    rows = keep.shape[0]
-    self.chunk, self.rows = chunk, rows
-    self.padded = -(-rows // chunk) * chunk
+  def __init__(self, keep, axis_name: Optional[str]):
+    self.rows = keep.shape[0]
+    self.padded = -(-self.rows // CHUNK) * CHUNK  # every loop stops within this many positions
     self.kept = jnp.sum(keep, dtype=jnp.int32)
     self.total = self.kept if axis_name is None else jax.lax.psum(self.kept, axis_name)
-    self.count = (self.kept + chunk - 1) // chunk
-    self.order = jnp.pad(jnp.argsort(~keep, stable=True), (0, self.padded - rows))
+    self.order = jnp.pad(jnp.argsort(~keep, stable=True), (0, self.padded - self.rows))
 
-  def __call__(self, i):
-    """(rows to read, rows to write (out of range where not kept), kept mask) of chunk i."""
-    positions = i * self.chunk + jnp.arange(self.chunk)
-    valid = positions < self.kept
-    read = jax.lax.dynamic_slice_in_dim(self.order, i * self.chunk, self.chunk)
-    return read, jnp.where(valid, read, self.rows), valid
 
-  def slice(self, buffer, i):
-    return jax.lax.dynamic_slice_in_dim(buffer, i * self.chunk, self.chunk)
+class _Chunk:
+  """``size`` positions of ``_Rows`` from ``start``: the rows to read, the rows to write (out of
+  range where not kept, so that writes drop them) and which positions are kept."""
 
-  def put(self, buffer, i, values):
-    return jax.lax.dynamic_update_slice_in_dim(buffer, values, i * self.chunk, 0)
+  def __init__(self, rows: _Rows, start, size: int):
+    self.start, self.size = start, size
+    self.valid = start + jnp.arange(size) < rows.kept
+    self.read = jax.lax.dynamic_slice_in_dim(rows.order, start, size)
+    self.write = jnp.where(self.valid, self.read, rows.rows)
+
+  def slice(self, buffer):
+    """This chunk's positions of a buffer in kept-first order."""
+    return jax.lax.dynamic_slice_in_dim(buffer, self.start, self.size)
+
+  def put(self, buffer, values):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, values, self.start, 0)
+
+
+def _over_chunks(rows: _Rows, sizes: tuple[int, ...], body, carry):
+  """``body(chunk, carry)`` over the kept positions: as many whole chunks of ``sizes[0]`` rows as
+  the kept rows fill, then (with ``(big, CHUNK)``) the rest in chunks of ``CHUNK``. Loops whose
+  trip counts are batch-level numbers, so dropped rows cost nothing."""
+  first = sizes[0]
+  whole = rows.kept // first if len(sizes) > 1 else (rows.kept + first - 1) // first
+  carry = jax.lax.fori_loop(0, whole, lambda i, c: body(_Chunk(rows, i * first, first), c), carry)
+  if len(sizes) == 1:
+    return carry
+  start = whole * first
+  rest = (rows.kept - start + CHUNK - 1) // CHUNK
+  return jax.lax.fori_loop(0, rest, lambda i, c: body(_Chunk(rows, start + i * CHUNK, CHUNK), c),
+                           carry)
 
 
 def _zeros(shape, dtype, like):
@@ -107,53 +127,52 @@ def _normalise(h, mean, inv_std, scale, bias):
   return (h - mean) * (inv_std * scale) + bias
 
 
-def _layer_input(chunks: _Chunks, x, hidden, stats, scales, biases, j: int, i, read):
-  """The input of layer j of the branch for chunk i: the gathered block input, or the previous
+def _layer_input(chunk: _Chunk, x, hidden, stats, scales, biases, j: int):
+  """The input of layer j of the branch for a chunk: the gathered block input, or the previous
   layer's convolution output after its BatchNorm and ReLU."""
   if j == 0:
-    return x[read]
+    return x[chunk.read]
   mean, inv_std = stats[j - 1]
-  return jax.nn.relu(_normalise(chunks.slice(hidden[j - 1], i), mean, inv_std, scales[j - 1],
+  return jax.nn.relu(_normalise(chunk.slice(hidden[j - 1]), mean, inv_std, scales[j - 1],
                                 biases[j - 1]))
 
 
 def _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases):
-  chunks = _Chunks(keep, CHUNK, axis_name)
+  rows = _Rows(keep, axis_name)
+  sizes = (FORWARD_CHUNK, CHUNK) if rows.rows >= FORWARD_CHUNK else (CHUNK,)
+  over_chunks = functools.partial(_over_chunks, rows, sizes)
   hidden, stats, moments = [], [], []
   for j, (kernel, stride) in enumerate(zip(kernels, strides)):
     shape = jax.eval_shape(functools.partial(_conv, stride=stride),
-                           jax.ShapeDtypeStruct((CHUNK,) + x.shape[1:] if j == 0 else
-                                                (CHUNK,) + hidden[-1].shape[1:], x.dtype), kernel)
+                           jax.ShapeDtypeStruct((rows.padded,) + (hidden[-1] if j else x).shape[1:],
+                                                x.dtype), kernel).shape
 
-    def convolve(i, carry, j=j, kernel=kernel, stride=stride):
+    def convolve(chunk, carry, j=j, kernel=kernel, stride=stride):
       buffer, total = carry
-      read, _, valid = chunks(i)
-      h = _conv(_layer_input(chunks, x, hidden, stats, scales, biases, j, i, read), kernel, stride)
-      return chunks.put(buffer, i, h), total + _masked_sum(h, valid)
+      h = _conv(_layer_input(chunk, x, hidden, stats, scales, biases, j), kernel, stride)
+      return chunk.put(buffer, h), total + _masked_sum(h, chunk.valid)
 
-    buffer = _zeros((chunks.padded,) + shape.shape[1:], shape.dtype, x)
-    buffer, total = jax.lax.fori_loop(0, chunks.count, convolve,
-                                      (buffer, _zeros(shape.shape[-1:], shape.dtype, x)))
-    n = chunks.total * shape.shape[1] * shape.shape[2]
+    buffer, total = over_chunks(convolve, (_zeros(shape, x.dtype, x),
+                                           _zeros(shape[-1:], x.dtype, x)))
+    n = rows.total * shape[1] * shape[2]
     mean = _psum(total, axis_name) / jnp.maximum(n, 1)
 
-    def squares(i, total, buffer=buffer, mean=mean):
-      centred = chunks.slice(buffer, i) - mean
-      return total + _masked_sum(centred * centred, chunks(i)[2])
+    def squares(chunk, total, buffer=buffer, mean=mean):
+      centred = chunk.slice(buffer) - mean
+      return total + _masked_sum(centred * centred, chunk.valid)
 
-    var = _psum(jax.lax.fori_loop(0, chunks.count, squares, _zeros(mean.shape, mean.dtype, x)),
-                axis_name) / jnp.maximum(n, 1)
+    var = _psum(over_chunks(squares, _zeros(mean.shape, mean.dtype, x)), axis_name) / jnp.maximum(
+        n, 1)
     hidden.append(buffer)
     stats.append((mean, jax.lax.rsqrt(var + EPSILON)))
     moments.append((mean, var * (n / jnp.maximum(n - 1, 1))))  # PyTorch's running var: unbiased
 
-  def finish(i, out):
-    read, write, _ = chunks(i)
+  def finish(chunk, out):
     mean, inv_std = stats[-1]
-    branch = _normalise(chunks.slice(hidden[-1], i), mean, inv_std, scales[-1], biases[-1])
-    return out.at[write].set(jax.nn.relu(shortcut[read] + branch), mode="drop")
+    branch = _normalise(chunk.slice(hidden[-1]), mean, inv_std, scales[-1], biases[-1])
+    return out.at[chunk.write].set(jax.nn.relu(shortcut[chunk.read] + branch), mode="drop")
 
-  out = jax.lax.fori_loop(0, chunks.count, finish, shortcut)
+  out = over_chunks(finish, shortcut)
   residuals = (x, keep, kernels, scales, biases, out, hidden, stats)
   return (out, tuple(moments)), residuals
 
@@ -174,32 +193,31 @@ def kept_rows_block(strides, axis_name, x, shortcut, keep, kernels, scales, bias
 def _backward(strides, axis_name, residuals, cotangents):
   x, keep, kernels, scales, biases, out, hidden, stats = residuals
   d_out = cotangents[0]  # the batch statistics only feed the running averages: no gradient
-  chunks = _Chunks(keep, CHUNK, axis_name)
+  rows = _Rows(keep, axis_name)
+  over_chunks = functools.partial(_over_chunks, rows, (CHUNK,))
   layers = len(kernels)
 
-  def sums(g, valid, j, i):
-    """(sum of g, sum of g x normalised) over the valid rows: BatchNorm j's bias and scale
+  def sums(g, chunk, j):
+    """(sum of g, sum of g x normalised) over the chunk's kept rows: BatchNorm j's bias and scale
     gradients, and what its input gradient needs."""
     mean, inv_std = stats[j]
-    normalised = (chunks.slice(hidden[j], i) - mean) * inv_std
-    return _masked_sum(g, valid), _masked_sum(g * normalised, valid)
+    normalised = (chunk.slice(hidden[j]) - mean) * inv_std
+    return _masked_sum(g, chunk.valid), _masked_sum(g * normalised, chunk.valid)
 
-  def into_branch(i, carry):
+  def into_branch(chunk, carry):
     """The output's gradient where the block ran: through the final ReLU into the branch (and,
     equally, the shortcut)."""
     grads, d_shortcut, d_bias, d_scale = carry
-    read, write, valid = chunks(i)
-    g = jnp.where(valid[:, None, None, None] & (out[read] > 0), d_out[read], 0.0)
-    g_bias, g_scale = sums(g, valid, layers - 1, i)
-    return (chunks.put(grads, i, g), d_shortcut.at[write].set(g, mode="drop"),
+    g = jnp.where(chunk.valid[:, None, None, None] & (out[chunk.read] > 0), d_out[chunk.read], 0.0)
+    g_bias, g_scale = sums(g, chunk, layers - 1)
+    return (chunk.put(grads, g), d_shortcut.at[chunk.write].set(g, mode="drop"),
             d_bias + g_bias, d_scale + g_scale)
 
   def zeros_like(a):
     return _zeros(a.shape, a.dtype, x)
 
-  grads, d_shortcut, d_bias, d_scale = jax.lax.fori_loop(
-      0, chunks.count, into_branch,
-      (zeros_like(hidden[-1]), d_out, zeros_like(scales[-1]), zeros_like(scales[-1])))
+  grads, d_shortcut, d_bias, d_scale = over_chunks(
+      into_branch, (zeros_like(hidden[-1]), d_out, zeros_like(scales[-1]), zeros_like(scales[-1])))
   d_kernels, d_scales, d_biases = [None] * layers, [None] * layers, [None] * layers
   d_x = zeros_like(x)
   for j in reversed(range(layers)):
@@ -207,30 +225,30 @@ def _backward(strides, axis_name, residuals, cotangents):
     total_bias, total_scale = _psum((d_bias, d_scale), axis_name)
     mean, inv_std = stats[j]
     shape = hidden[j].shape
-    n = jnp.maximum(chunks.total * shape[1] * shape[2], 1)
+    n = jnp.maximum(rows.total * shape[1] * shape[2], 1)
 
-    def layer_back(i, carry, j=j, total_bias=total_bias, total_scale=total_scale, mean=mean,
+    def layer_back(chunk, carry, j=j, total_bias=total_bias, total_scale=total_scale, mean=mean,
                    inv_std=inv_std, n=n, grads=grads):
       d_kernel, previous, d_x, d_bias, d_scale = carry
-      read, write, valid = chunks(i)
-      normalised = (chunks.slice(hidden[j], i) - mean) * inv_std
-      d_h = (scales[j] * inv_std) * (chunks.slice(grads, i) - total_bias / n
+      valid = chunk.valid[:, None, None, None]
+      normalised = (chunk.slice(hidden[j]) - mean) * inv_std
+      d_h = (scales[j] * inv_std) * (chunk.slice(grads) - total_bias / n
                                      - normalised * (total_scale / n))
-      d_h = jnp.where(valid[:, None, None, None], d_h, 0.0)
-      inputs = _layer_input(chunks, x, hidden, stats, scales, biases, j, i, read)
+      d_h = jnp.where(valid, d_h, 0.0)
+      inputs = _layer_input(chunk, x, hidden, stats, scales, biases, j)
       d_inputs, d_kernel_chunk = _conv_backward(inputs, kernels[j], strides[j], d_h)
       d_kernel = d_kernel + d_kernel_chunk
       if j == 0:
-        return d_kernel, previous, d_x.at[write].add(d_inputs, mode="drop"), d_bias, d_scale
-      g = jnp.where(valid[:, None, None, None] & (inputs > 0), d_inputs, 0.0)
-      g_bias, g_scale = sums(g, valid, j - 1, i)
-      return d_kernel, chunks.put(previous, i, g), d_x, d_bias + g_bias, d_scale + g_scale
+        return d_kernel, previous, d_x.at[chunk.write].add(d_inputs, mode="drop"), d_bias, d_scale
+      g = jnp.where(valid & (inputs > 0), d_inputs, 0.0)
+      g_bias, g_scale = sums(g, chunk, j - 1)
+      return d_kernel, chunk.put(previous, g), d_x, d_bias + g_bias, d_scale + g_scale
 
     empty = zeros_like(x[:0, 0, 0, 0])
     previous = zeros_like(hidden[j - 1]) if j else empty
     below = zeros_like(scales[j - 1]) if j else empty
-    d_kernels[j], grads, d_x, d_bias, d_scale = jax.lax.fori_loop(
-        0, chunks.count, layer_back, (zeros_like(kernels[j]), previous, d_x, below, below))
+    d_kernels[j], grads, d_x, d_bias, d_scale = over_chunks(
+        layer_back, (zeros_like(kernels[j]), previous, d_x, below, below))
   return d_x, d_shortcut, None, tuple(d_kernels), tuple(d_scales), tuple(d_biases)
 
 

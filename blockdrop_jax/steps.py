@@ -140,8 +140,8 @@ class StepOptions:
   # those images (compact_finetune). Other results than masked where a policy drops blocks.
   finetune_passes: str = "masked"
   # The mesh of a step jitted over a sharded global batch (parallel.sharded_step): compact passes
-  # then run under shard_map on each device's own rows, instead of gathering kept rows from the
-  # whole batch across devices (they are per image, and the ResNet is frozen).
+  # (curriculum and finetuning) then run under shard_map on each device's own rows, instead of
+  # gathering kept rows from the whole batch across devices.
   mesh: Optional[Mesh] = None
 
 
@@ -367,13 +367,13 @@ def finetune_loss(nets: Nets, loss: PolicyLoss, params, stats, x, labels, key,
   with BatchNorm in training mode, greedy first, as the original does; gradients reach the ResNet
   only through the sampled pass (``loss.resnet_learns_greedy``: only through the greedy one).
   ``options.finetune_passes`` says how the passes run the blocks."""
-  axis_name = options.axis_name
-  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key,
-                                                                axis_name)
   if options.finetune_passes not in FINETUNE_PASSES:
     raise ValueError(f"finetune_passes={options.finetune_passes!r}; use one of {FINETUNE_PASSES} "
                      "(the trainer resolves config.finetune.passes='auto' per epoch)")
   passes = _training_passes(nets, options, options.finetune_passes == "compact")
+  axis_name = options.axis_name
+  log_p, log_not_p, sampled, greedy, policy_stats = policy_pass(nets, loss, params, stats, x, key,
+                                                                axis_name)
   learning, frozen = params["resnet"], jax.lax.stop_gradient(params["resnet"])
   greedy_weights, sampled_weights = ((learning, frozen) if loss.resnet_learns_greedy
                                      else (frozen, learning))

@@ -8,6 +8,7 @@ tolerance that would still catch a wrong one."""
 
 import dataclasses
 import functools
+import types
 
 import chex
 import jax
@@ -16,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from blockdrop_jax import compact, compact_finetune, steps
+from blockdrop_jax import compact, compact_finetune, steps, trainer
+from blockdrop_jax.configs import default
 from blockdrop_jax.models import resnet
 from blockdrop_jax.models.resnet import ResNetSpec
 
@@ -122,17 +124,19 @@ def _masked_rows_forward(spec, params, stats, images, policy):
   return model.apply(variables, x, method=lambda m, x: m.head(x)), new_stats
 
 
-@pytest.mark.parametrize("name", list(NETS))
-def test_sparse_policy_gradients_equal_masked_with_batch_norm_over_kept_rows(name):
-  """A random policy keeping about a third of the blocks per image, one block kept by no image and
-  one by a single image, over 37 images (chunks of 16: one partly kept): logits, every
-  parameter's gradient and the new batch statistics equal the reference's."""
+@pytest.mark.parametrize("name, batch", [("cifar_resnet14", 37), ("bottleneck", 83)])
+def test_sparse_policy_gradients_equal_masked_with_batch_norm_over_kept_rows(name, batch):
+  """A random policy keeping about a third of the blocks per image, one block kept by no image,
+  one by a single image and one by all (83 images: forward chunks of 64, then 16 and a partly
+  kept 16; 37: chunks of 16): logits, every parameter's gradient and the new batch statistics
+  equal the reference's."""
   spec = NETS[name]
   params, stats = _variables(spec)
-  images = jax.random.uniform(jax.random.key(2), (37, 32, 32, 3), jnp.float64)
-  labels = jnp.arange(37) % 10
-  policy = (jax.random.uniform(jax.random.key(6), (37, spec.num_blocks)) < 0.35)
-  policy = policy.at[:, 1].set(False).at[:, 2].set(jnp.arange(37) == 5).astype(jnp.float32)
+  images = jax.random.uniform(jax.random.key(2), (batch, 32, 32, 3), jnp.float64)
+  labels = jnp.arange(batch) % 10
+  policy = (jax.random.uniform(jax.random.key(6), (batch, spec.num_blocks)) < 0.35)
+  policy = policy.at[:, 1].set(False).at[:, 2].set(jnp.arange(batch) == 5).at[:, 3].set(True)
+  policy = policy.astype(jnp.float32)
 
   def loss_of(forward):
     def loss(p):
@@ -152,10 +156,22 @@ def test_sparse_policy_gradients_equal_masked_with_batch_norm_over_kept_rows(nam
   assert np.abs(np.asarray(masked_logits) - np.asarray(logits)).max() > 1e-2
 
 
-def test_auto_finetune_passes_follow_backend_and_sparsity():
-  assert compact.finetune_passes("masked", 0.1) == "masked"
-  assert compact.finetune_passes("compact", 0.9) == "compact"
+def test_auto_finetune_passes_follow_backend_and_the_last_epochs_sparsity():
+  """The trainer's choice for the next epoch, from the last epoch's record: compact on CPU after
+  sampled policies that kept at most COMPACT_FINETUNE_BELOW of the blocks; masked before any
+  finetuning epoch, on other backends, or denser; none outside BlockDrop's finetuning."""
+  config = default.get_config()
+  config.finetune.passes = "auto"
+  run = types.SimpleNamespace(config=config, static_keep=None,
+                              nets=steps.Nets(resnet.make_spec("cifar_resnet20")))
   sparse = "compact" if jax.default_backend() == "cpu" else "masked"
-  assert compact.finetune_passes("auto", compact.COMPACT_FINETUNE_BELOW) == sparse
-  assert compact.finetune_passes("auto", compact.COMPACT_FINETUNE_BELOW + 0.01) == "masked"
-  assert compact.finetune_passes("auto", None) == "masked"  # nothing measured yet
+  edge = compact.COMPACT_FINETUNE_BELOW * 9
+  assert trainer.epoch_finetune_passes(run, "finetune", {"train_blocks_sampled": edge}) == sparse
+  assert trainer.epoch_finetune_passes(run, "finetune", {"train_blocks_sampled": edge + 0.1}) == (
+      "masked")
+  assert trainer.epoch_finetune_passes(run, "finetune", {}) == "masked"
+  assert trainer.epoch_finetune_passes(run, "curriculum", {"train_blocks_sampled": 1.0}) is None
+  config.finetune.passes = "compact"
+  assert trainer.epoch_finetune_passes(run, "finetune", {}) == "compact"
+  run.static_keep = np.ones(9)  # the static reference finetunes the ResNet alone
+  assert trainer.epoch_finetune_passes(run, "finetune", {}) is None

@@ -224,17 +224,20 @@ def _assert_report_figures(out):
 
 
 def test_validation_chooses_best_and_the_references(uninterrupted, tmp_path, test_records):
-  """A finetuning run from another run's weights, with validation images held out: it logs
-  validation and test metrics, keeps the best by validation accuracy, and its references are set
-  against the ResNet it started from (`pretrained`: that run's full network, image for image).
-  The report of the run it started from, compared with it, draws every figure."""
+  """A finetuning run from another run's weights, with validation images held out and compact
+  finetuning passes: it logs validation and test metrics, keeps the best by validation accuracy,
+  and its references are set against the ResNet it started from (`pretrained`: that run's full
+  network, image for image). The report of the run it started from, compared with it, draws every
+  figure."""
   started_from, _ = uninterrupted
   workdir = tmp_path / "finetuned"
   proc = run_train(workdir, "--config.stages=finetune", f"--config.init_from={started_from}",
-                   "--config.data.validation=16", "--config.finetune.epochs=2")
+                   "--config.data.validation=16", "--config.finetune.epochs=2",
+                   "--config.finetune.passes=compact")
   assert proc.returncode == 0, proc.stderr
   records = _records(workdir)
   assert all("val_accuracy" in r and "test_accuracy" in r for r in records)
+  assert [r["finetune_passes"] for r in records] == ["compact", "compact"]
   from blockdrop_jax import checkpoint
   best = checkpoint.load_run(str(workdir), best=True)[3]["metrics"]
   assert best["val_accuracy"] == max(r["val_accuracy"] for r in records)
