@@ -40,9 +40,10 @@ def resolve_auto(mode: str) -> str:
   return mode
 
 
-# Compact finetuning is faster than masked on the 2-core CPU while the sampled policies keep at
-# most this fraction of the blocks (benchmarks/train_speed.py, docs/results.md).
-COMPACT_FINETUNE_BELOW = 0.6
+# Compact finetuning was faster than masked on the 2-core CPU for ResNet-56 and ResNet-110 at
+# batch 128 and 250 while the sampled policies kept at most this share of the blocks (1.07-1.49x
+# at 0.37-0.39; ResNet-110 at batch 250 was slower at 0.49: docs/results.md, section 8).
+COMPACT_FINETUNE_BELOW = 0.4
 
 
 def finetune_passes(mode: str, sampled_keep: Optional[float]) -> str:
