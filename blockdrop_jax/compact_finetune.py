@@ -2,14 +2,14 @@
 rows (images) whose policy keeps the block.
 
 The original finetunes with masked passes: every block runs for every image in training mode and
-the dropped outputs are thrown away. Here block t gathers its kept rows ``CHUNK`` at a time, in
-loops whose trip count is the number of kept rows (a batch-level number), so a dropped row costs
-no convolution forward or backward. Loops with such trip counts have no reverse-mode derivative,
+the dropped outputs are thrown away. Here block t gathers its kept rows a chunk at a time, in
+loops whose trip count follows the number of kept rows (a batch-level number), so a dropped row
+costs no convolution forward or backward. Loops with such trip counts have no reverse-mode derivative,
 so the block's backward pass is written out (``custom_vjp``): it walks the same chunks back.
 
 BatchNorm in training mode then normalises each block's branch with the statistics of the images
 that run it; the original's masked pass also counts the images whose output it discards
-(docs/method.md, "Compact finetuning"). With every block kept the two are the same
+(docs/method.md, section 6, "Compact finetuning"). With every block kept the two are the same
 (tests/test_compact_finetune.py). Under ``shard_map`` each device runs its own rows and the
 statistics are summed over devices, outside the loops.
 """
@@ -49,8 +49,8 @@ def _conv(x, kernel, stride: int):
 
 def _conv_backward(inputs, kernel, stride: int, d_out):
   """(input gradient, kernel gradient) of ``_conv``, each written as a forward convolution or a
-  matrix product. Inside a loop XLA:CPU runs the backward convolutions that autodiff emits 10-60
-  times slower than these (docs/results.md); the values are the same."""
+  matrix product. Inside a loop XLA:CPU runs the backward convolutions that autodiff emits 10-70
+  times slower than these (docs/method.md, section 6); the values are the same."""
   size, pad = kernel.shape[0], kernel.shape[0] // 2
   extra = (inputs.shape[1] + 2 * pad - size) % stride
   edges = ((size - 1 - pad, size - 1 - pad + extra),) * 2
@@ -161,8 +161,8 @@ def _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases):
       centred = chunk.slice(buffer) - mean
       return total + _masked_sum(centred * centred, chunk.valid)
 
-    var = _psum(over_chunks(squares, _zeros(mean.shape, mean.dtype, x)), axis_name) / jnp.maximum(
-        n, 1)
+    squared = over_chunks(squares, _zeros(mean.shape, mean.dtype, x))
+    var = _psum(squared, axis_name) / jnp.maximum(n, 1)
     hidden.append(buffer)
     stats.append((mean, jax.lax.rsqrt(var + EPSILON)))
     moments.append((mean, var * (n / jnp.maximum(n - 1, 1))))  # PyTorch's running var: unbiased
