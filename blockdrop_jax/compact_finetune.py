@@ -26,10 +26,10 @@ from blockdrop_jax.models import resnet
 from blockdrop_jax.models.batch_norm import sum_rows, varying_like
 from blockdrop_jax.models.resnet import ResNetSpec
 
-# Rows per chunk of a block's branch. On the 2-core CPU, in a loop, a forward convolution of 16
-# rows costs about what one of 32 does and half what one of 64 does, while the backward pass
-# (both gradients) is fastest at 16: the forward pass runs whole chunks of FORWARD_CHUNK rows and
-# the rest, like the backward pass, in chunks of CHUNK.
+# Rows per chunk of a block's branch. On the 2-core CPU, in a loop, a forward convolution of 64
+# rows costs about what one of 32 does and twice one of 16, while the backward pass (both
+# gradients) is fastest at 16: the forward pass runs whole chunks of FORWARD_CHUNK rows and the
+# rest, like the backward pass, in chunks of CHUNK.
 CHUNK, FORWARD_CHUNK = 16, 64
 MOMENTUM, EPSILON = 0.9, 1e-5  # PyTorch's BatchNorm defaults, as resnet._batch_norm
 
