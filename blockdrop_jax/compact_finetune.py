@@ -23,15 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from blockdrop_jax.models import resnet
-from blockdrop_jax.models.batch_norm import sum_rows, varying_like
-from blockdrop_jax.models.resnet import ResNetSpec
+from blockdrop_jax.models.batch_norm import running_statistics, sum_rows, varying_like
+from blockdrop_jax.models.resnet import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, ResNetSpec
 
 # Rows per chunk of a block's branch. On the 2-core CPU, in a loop, a forward convolution of 64
 # rows costs about what one of 32 does and twice one of 16, while the backward pass (both
 # gradients) is fastest at 16: the forward pass runs whole chunks of FORWARD_CHUNK rows and the
 # rest, like the backward pass, in chunks of CHUNK.
 CHUNK, FORWARD_CHUNK = 16, 64
-MOMENTUM, EPSILON = 0.9, 1e-5  # PyTorch's BatchNorm defaults, as resnet._batch_norm
 
 
 def branch_strides(spec: ResNetSpec, t: int) -> tuple[int, ...]:
@@ -67,10 +66,10 @@ def _conv_backward(inputs, kernel, stride: int, d_out):
   return d_inputs, d_kernel.reshape(kernel.shape)
 
 
-def _masked_sum(values, valid, axis_name=None):
+def _masked_sum(values, valid):
   """Per-channel sum over the valid rows (and every position) of a chunk."""
   rows = jnp.where(valid[:, None, None, None], values, 0.0).reshape(-1, values.shape[-1])
-  return sum_rows(rows, axis_name)
+  return sum_rows(rows, None)
 
 
 class _Rows:
@@ -164,8 +163,8 @@ def _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases):
     squared = over_chunks(squares, _zeros(mean.shape, mean.dtype, x))
     var = _psum(squared, axis_name) / jnp.maximum(n, 1)
     hidden.append(buffer)
-    stats.append((mean, jax.lax.rsqrt(var + EPSILON)))
-    moments.append((mean, var * (n / jnp.maximum(n - 1, 1))))  # PyTorch's running var: unbiased
+    stats.append((mean, jax.lax.rsqrt(var + BATCH_NORM_EPSILON)))
+    moments.append((mean, var, n.astype(mean.dtype)))
 
   def finish(chunk, out):
     mean, inv_std = stats[-1]
@@ -186,7 +185,8 @@ def kept_rows_block(strides, axis_name, x, shortcut, keep, kernels, scales, bias
   """A residual block in training mode on the rows that ``keep`` it: ``relu(shortcut + F(x))``
   there and ``shortcut`` elsewhere, F the branch of convolutions (``kernels``, ``strides``) with
   BatchNorm (``scales``, ``biases``) over the kept rows of every device of ``axis_name``. Also
-  returns each BatchNorm's (batch mean, unbiased batch variance) for the running statistics."""
+  returns each BatchNorm's (batch mean, batch variance, values per channel) for the running
+  statistics."""
   return _forward(strides, axis_name, x, shortcut, keep, kernels, scales, biases)[0]
 
 
@@ -286,11 +286,11 @@ def train_forward(spec: ResNetSpec, params, batch_stats, images, policy,
         *[tuple(varying_like(block[f"{kind}{i}"][leaf], x) for i in layers)
           for kind, leaf in (("conv", "kernel"), ("bn", "scale"), ("bn", "bias"))])
     runs = _psum(jnp.sum(keep[:, t], dtype=jnp.int32), axis_name) > 0
-    for i, (mean, var) in zip(layers, moments):
+    for i, (mean, var, n) in zip(layers, moments):
       old = block_stats[f"bn{i}"]
-      block_stats[f"bn{i}"] = {
-          "mean": jnp.where(runs, MOMENTUM * old["mean"] + (1 - MOMENTUM) * mean, old["mean"]),
-          "var": jnp.where(runs, MOMENTUM * old["var"] + (1 - MOMENTUM) * var, old["var"])}
+      new_mean, new_var = running_statistics(old["mean"], old["var"], mean, var, n,
+                                             BATCH_NORM_MOMENTUM, runs)
+      block_stats[f"bn{i}"] = {"mean": new_mean, "var": new_var}
     stats[name] = jax.lax.stop_gradient(block_stats)
   logits = resnet.ResNet(spec).apply(variables, x, method=lambda m, x: m.head(x))
   return logits, stats

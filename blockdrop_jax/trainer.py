@@ -355,10 +355,11 @@ def _train_epoch(loop: Loop, step_fn, state: TrainState, at: Position,
     if preempted:
       loop.ckpts.wait()
       raise multihost.Preempted(at.global_step, loop.workdir)
-  throughput = run_log.epoch_throughput(time.perf_counter() - started,
-                                        steps_per_epoch - first_batch, cfg.batch_size)
-  _end_epoch(loop, state, at, pending.sums,
-             {**throughput, **({"finetune_passes": finetune_passes} if finetune_passes else {})})
+  about = run_log.epoch_throughput(time.perf_counter() - started, steps_per_epoch - first_batch,
+                                   cfg.batch_size)
+  if finetune_passes:
+    about["finetune_passes"] = finetune_passes
+  _end_epoch(loop, state, at, pending.sums, about)
   return state
 
 

@@ -110,6 +110,15 @@ def varying_like(param, x):
   return jax.lax.pcast(param, axes, to="varying") if axes else param
 
 
+def running_statistics(running_mean, running_var, mean, var, n, momentum: float, update=True):
+  """The running (mean, variance) after a training batch of ``n`` values per channel with batch
+  ``mean`` and (biased) ``var``, as PyTorch: momentum running + (1 - momentum) batch, the
+  variance made unbiased; unchanged where ``update`` (possibly traced) is False."""
+  unbiased = var * (n / jnp.maximum(n - 1, 1))
+  return tuple(jnp.where(update, momentum * old + (1 - momentum) * new, old)
+               for old, new in ((running_mean, mean), (running_var, unbiased)))
+
+
 class BatchNorm(nn.Module):
   """``flax.linen.BatchNorm`` over every axis but the last, with ``batch_norm_train`` in training
   mode. PyTorch's conventions: running = momentum running + (1 - momentum) batch, the variance
@@ -135,10 +144,7 @@ class BatchNorm(nn.Module):
                                     self.epsilon, self.axis_name)
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient((mean, var))
-      n = _count(x.reshape(-1, channels), self.axis_name)
-      unbiased = var * (n / jnp.maximum(n - 1, 1))
-      new_mean = self.momentum * running_mean.value + (1 - self.momentum) * mean
-      new_var = self.momentum * running_var.value + (1 - self.momentum) * unbiased
-      running_mean.value = jnp.where(update_stats, new_mean, running_mean.value)
-      running_var.value = jnp.where(update_stats, new_var, running_var.value)
+      running_mean.value, running_var.value = running_statistics(
+          running_mean.value, running_var.value, mean, var,
+          _count(x.reshape(-1, channels), self.axis_name), self.momentum, update_stats)
     return y

@@ -119,10 +119,15 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
                  use_bias=False, name=name)
 
 
+# PyTorch's BatchNorm defaults: running = 0.9 running + 0.1 batch, eps 1e-5.
+BATCH_NORM_MOMENTUM, BATCH_NORM_EPSILON = 0.9, 1e-5
+
+
 def _batch_norm(name: str, axis_name: Optional[str] = None) -> BatchNorm:
-  # PyTorch: running = 0.9 running + 0.1 batch, eps 1e-5. With ``axis_name`` (pmap/shard_map)
+  # With ``axis_name`` (pmap/shard_map)
   # batch statistics are averaged over devices.
-  return BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
+  return BatchNorm(momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, axis_name=axis_name,
+                   name=name)
 
 
 def _block_relu(x):
